@@ -1,0 +1,120 @@
+"""Backend discovery and dispatch (SPEC section 4).
+
+A backend is a namespace with three functions of the same signatures as the ops in
+csrc/ops.cpp: ce_fwd, focal_fwd, binary_fwd. `resolve(requested, device)` returns the one
+to run; an explicitly requested backend that cannot run raises, "auto" falls back to the
+torch reference with one warning that names what was missing.
+"""
+import os
+import types
+import warnings
+
+import torch
+
+from fusedloss import _ext, _ops, reference
+
+NAMES = ("triton", "cuda", "cpu", "torch")
+ENV = "FUSEDLOSS_BACKEND"
+
+try:
+    from fusedloss import triton as _triton_impl
+
+    TRITON_ERROR = None
+except ImportError as e:  # triton not installed
+    _triton_impl = None
+    TRITON_ERROR = f"triton is not importable ({e})"
+
+
+def _ops_backend(name):
+    ops = torch.ops.fusedloss
+    return types.SimpleNamespace(
+        name=name,
+        ce_fwd=lambda *a: ops.ce_fwd(*a),
+        focal_fwd=lambda *a: ops.focal_fwd(*a),
+        binary_fwd=lambda *a: ops.binary_fwd(*a),
+    )
+
+
+IMPLS = {
+    "torch": types.SimpleNamespace(
+        name="torch", ce_fwd=reference.ce_fwd, focal_fwd=reference.focal_fwd, binary_fwd=reference.binary_fwd
+    ),
+    "cpu": _ops_backend("cpu"),
+    "cuda": _ops_backend("cuda"),
+}
+if _triton_impl is not None:
+    IMPLS["triton"] = types.SimpleNamespace(
+        name="triton",
+        ce_fwd=_triton_impl.ce_fwd,
+        focal_fwd=_triton_impl.focal_fwd,
+        binary_fwd=_triton_impl.binary_fwd,
+    )
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def why_not(name: str, device_type: str):
+    """None when backend `name` can run on tensors of `device_type`, else the reason."""
+    if name == "torch":
+        return None
+    if name == "cpu":
+        if device_type != "cpu":
+            return f"the cpu backend runs on CPU tensors, got {device_type} tensors"
+        if not _ext.has_kernel("ce_fwd", "CPU"):
+            return _ext.ERROR or "the extension has no CPU kernels"
+        return None
+    if name == "cuda":
+        if device_type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, got {device_type} tensors"
+        if not _ext.has_kernel("ce_fwd", "CUDA"):
+            return _ext.ERROR or "the extension was built without CUDA (torch had no CUDA, or no nvcc, at build time)"
+        return None
+    if name == "triton":
+        if _triton_impl is None:
+            return TRITON_ERROR
+        if device_type == "cuda":
+            return None
+        if device_type == "cpu" and _interpret():
+            return None
+        return f"the triton backend runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), got {device_type} tensors"
+    raise ValueError(f"backend must be one of 'auto', {', '.join(repr(n) for n in NAMES)}; got {name!r}")
+
+
+def backends(device_type: str = None) -> dict:
+    """{name: None or the reason it cannot run} for each backend, on `device_type`
+    ("cuda" when available, else "cpu", by default)."""
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return {name: why_not(name, device_type) for name in NAMES}
+
+
+_warned = set()
+
+
+def resolve(requested: str, device: torch.device):
+    """The backend namespace to run for tensors on `device`."""
+    if requested == "auto":
+        requested = os.environ.get(ENV, "auto") or "auto"
+    dev = device.type
+    if requested != "auto":
+        reason = why_not(requested, dev)
+        if reason is not None:
+            raise RuntimeError(f"fusedloss: backend={requested!r} cannot run: {reason}")
+        return IMPLS[requested]
+    preference = ("triton", "cuda") if dev == "cuda" else ("cpu",)
+    missing = []
+    for name in preference:
+        reason = why_not(name, dev)
+        if reason is None:
+            return IMPLS[name]
+        missing.append(f"{name}: {reason}")
+    key = (dev, tuple(missing))
+    if key not in _warned and not torch.compiler.is_compiling():
+        _warned.add(key)
+        warnings.warn(
+            f"fusedloss: no fast backend for {dev} tensors ({'; '.join(missing)}); using the torch reference backend",
+            stacklevel=3,
+        )
+    return IMPLS["torch"]

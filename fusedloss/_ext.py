@@ -1,0 +1,19 @@
+"""Loads the C++/CUDA extension once. The package works without it (torch backend)."""
+import torch
+
+try:
+    from fusedloss import _C  # noqa: F401  (registers the fusedloss:: ops)
+
+    ERROR = None
+except ImportError as e:  # not built, or built against another torch
+    _C = None
+    ERROR = f"the C++ extension fusedloss._C did not load ({type(e).__name__}: {e}); build it with `pip install --no-build-isolation -e .`"
+
+OPS = ("ce_fwd", "focal_fwd", "binary_fwd")
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """True when fusedloss::op has a kernel registered for dispatch_key ("CPU", "CUDA")."""
+    if _C is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedloss::{op}", dispatch_key)

@@ -1,0 +1,13 @@
+"""Pure-PyTorch reference of the contract (the `torch` backend). See docs/formulas.md."""
+
+
+def ce_fwd(logits, target, weight, mask, grad, ignore_index, label_smoothing, z_loss, softcap):
+    raise NotImplementedError
+
+
+def focal_fwd(logits, target, alpha, mask, grad, ignore_index, gamma):
+    raise NotImplementedError
+
+
+def binary_fwd(input, target, weight, pos_weight, grad, gamma, alpha, reduce):
+    raise NotImplementedError
