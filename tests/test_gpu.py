@@ -1,0 +1,201 @@
+"""GPU checks of the triton and cuda backends on CUDA tensors.
+
+CI has no GPU, so these skip there (the CPU suite runs the same kernels' math: the
+triton kernels under TRITON_INTERPRET=1, the CUDA per-row arithmetic through the
+shared header in the CPU kernels). On a GPU machine run them, without the interpreter:
+    FUSEDLOSS_TEST_GPU=1 python -m pytest tests/test_gpu.py
+References are PyTorch's own functions evaluated in float64.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedloss
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+GPU_BACKENDS = ["triton", "cuda"]
+TOL = {torch.float32: (1e-5, 1e-6, 1e-6), torch.bfloat16: (1e-2, 1e-3, 1e-2), torch.float16: (1e-2, 1e-3, 1e-2)}
+
+
+def _backend_or_fail(backend):
+    reason = fusedloss.backends("cuda")[backend]
+    assert reason is None, f"backend {backend} unavailable on CUDA: {reason}"
+
+
+def _assert_close(actual, expected, rtol, atol, what):
+    actual, expected = actual.double(), expected.double()
+    err = (actual - expected).abs()
+    bound = atol + rtol * expected.abs()
+    bad = ~(err <= bound)
+    assert not bad.any(), (
+        f"{what}: {int(bad.sum())} elements off; max abs err {err.max().item():.3e}, "
+        f"first at {tuple(bad.nonzero()[0].tolist())}"
+    )
+
+
+def _ce_ref(x, t, **kw):
+    x64 = x.detach().double().requires_grad_()
+    loss = F.cross_entropy(x64, t, **kw)
+    loss.backward()
+    return loss.detach(), x64.grad
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("C", [1000, 50257, 131072])
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"label_smoothing": 0.1}, {"reduction": "sum", "ignore_index": 3}, {"weight": True, "label_smoothing": 0.05}],
+    ids=["plain", "smooth", "sum-ignore", "weight-smooth"],
+)
+def test_cross_entropy_matches_pytorch(backend, dtype, C, kw):
+    _backend_or_fail(backend)
+    g = torch.Generator(device="cuda").manual_seed(C)
+    N = 64
+    x = (torch.randn(N, C, device="cuda", generator=g) * 3).to(dtype).requires_grad_()
+    t = torch.randint(0, C, (N,), device="cuda", generator=g)
+    t[::7] = kw.get("ignore_index", -100)
+    kw = dict(kw)
+    if kw.pop("weight", False):
+        kw["weight"] = torch.rand(C, device="cuda", generator=g) + 0.5
+    loss = fusedloss.cross_entropy(x, t, backend=backend, **kw)
+    loss.backward()
+    ref_loss, ref_grad = _ce_ref(x, t, **{k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()})
+    rtol, atol, gtol = TOL[dtype]
+    _assert_close(loss, ref_loss, rtol, atol, f"{backend} loss")
+    _assert_close(x.grad, ref_grad, 0.0, gtol, f"{backend} grad")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_seed_case_and_masked_rows(backend):
+    _backend_or_fail(backend)
+    x = torch.ones(3, 5, device="cuda")
+    x[2] = float("-inf")
+    x.requires_grad_()
+    t = torch.tensor([1, 2, -1], device="cuda")
+    loss = fusedloss.cross_entropy(x, t, ignore_index=-1, backend=backend)
+    loss.backward()
+    assert abs(loss.item() - 1.6094379) < 1e-5
+    assert torch.equal(x.grad[2], torch.zeros(5, device="cuda"))
+    # ignored rows full of NaN/inf and an empty row stay exactly zero
+    y = torch.randn(4, 7, device="cuda")
+    y[0] = float("nan")
+    y[1] = float("inf")
+    y[2] = float("-inf")
+    y.requires_grad_()
+    t = torch.tensor([-100, -100, 3, 1], device="cuda")
+    loss = fusedloss.cross_entropy(y, t, backend=backend)
+    loss.backward()
+    ref_loss, ref_grad = _ce_ref(y.detach()[3:], t[3:])
+    _assert_close(loss, ref_loss, 1e-5, 1e-6, "loss with ignored/empty rows")
+    assert torch.equal(y.grad[:3], torch.zeros(3, 7, device="cuda"))
+    _assert_close(y.grad[3:], ref_grad, 0, 1e-6, "grad of the counted row")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_out_of_range_target_gives_nan_not_a_crash(backend):
+    _backend_or_fail(backend)
+    x = torch.randn(4, 10, device="cuda", requires_grad=True)
+    t = torch.tensor([0, 10, -5, 2], device="cuda")
+    loss = fusedloss.cross_entropy(x, t, reduction="none", backend=backend)
+    torch.cuda.synchronize()
+    assert torch.isnan(loss[1]) and torch.isnan(loss[2])
+    assert torch.isfinite(loss[[0, 3]]).all()
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_int64_offsets_beyond_2_pow_31(backend):
+    """N*C > 2^31: the last rows must be indexed correctly (int32 offsets would wrap)."""
+    _backend_or_fail(backend)
+    free, _ = torch.cuda.mem_get_info()
+    N, C = 16400, 131072  # 2.15e9 elements, 4.3 GB in bf16 (+ the same for the gradient)
+    if free < 12 * 2**30:
+        pytest.skip("needs 12 GiB of free GPU memory")
+    x = torch.empty(N, C, device="cuda", dtype=torch.bfloat16).normal_().requires_grad_()
+    t = torch.randint(0, C, (N,), device="cuda")
+    loss = fusedloss.cross_entropy(x, t, reduction="none", backend=backend)
+    loss.sum().backward()
+    tail = slice(N - 3, N)
+    ref_loss, ref_grad = _ce_ref(x.detach()[tail], t[tail], reduction="none")
+    _assert_close(loss[tail], ref_loss, 1e-2, 1e-3, "loss of the last rows")
+    _assert_close(x.grad[tail], ref_grad, 0, 1e-2, "grad of the last rows")
+    del x, loss
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_deterministic(backend):
+    _backend_or_fail(backend)
+    x = torch.randn(257, 32000, device="cuda", requires_grad=True)
+    t = torch.randint(0, 32000, (257,), device="cuda")
+    outs = []
+    for _ in range(2):
+        x.grad = None
+        loss = fusedloss.cross_entropy(x, t, label_smoothing=0.1, backend=backend)
+        loss.backward()
+        outs.append((loss.detach().clone(), x.grad.clone()))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_binary_losses_match_pytorch(backend, dtype):
+    _backend_or_fail(backend)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(512, 300, device="cuda", generator=g) * 4).to(dtype).requires_grad_()
+    y = torch.rand(512, 300, device="cuda", generator=g).round()
+    pw = torch.rand(300, device="cuda", generator=g) + 0.5
+    w = torch.rand(300, device="cuda", generator=g)
+    loss = fusedloss.binary_cross_entropy_with_logits(x, y.to(dtype), w, pos_weight=pw, backend=backend)
+    loss.backward()
+    x64 = x.detach().double().requires_grad_()
+    ref = F.binary_cross_entropy_with_logits(x64, y.double(), w.double(), pos_weight=pw.double())
+    ref.backward()
+    rtol, atol, gtol = TOL[dtype]
+    _assert_close(loss, ref, rtol, atol, "bce loss")
+    _assert_close(x.grad, x64.grad, 0, gtol, "bce grad")
+
+    x.grad = None
+    loss = fusedloss.sigmoid_focal_loss(x, y.to(dtype), reduction="sum", backend=backend)
+    loss.backward()
+    x64 = x.detach().double().requires_grad_()
+    p = torch.sigmoid(x64)
+    ce = F.binary_cross_entropy_with_logits(x64, y.double(), reduction="none")
+    p_t = p * y + (1 - p) * (1 - y)
+    ref = ((0.25 * y + 0.75 * (1 - y)) * ce * (1 - p_t) ** 2).sum()
+    ref.backward()
+    _assert_close(loss, ref, rtol, max(atol, 1e-4), "sigmoid focal loss")
+    _assert_close(x.grad, x64.grad, 0, gtol, "sigmoid focal grad")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_softmax_focal_matches_formula(backend):
+    _backend_or_fail(backend)
+    x = (torch.randn(96, 32000, device="cuda") * 2).requires_grad_()
+    t = torch.randint(0, 32000, (96,), device="cuda")
+    t[::5] = -100
+    loss = fusedloss.focal_loss(x, t, gamma=2.0, backend=backend)
+    loss.backward()
+    x64 = x.detach().double().requires_grad_()
+    keep = t != -100
+    logp = F.log_softmax(x64[keep], 1).gather(1, t[keep, None]).squeeze(1)
+    ref = (-(1 - logp.exp()) ** 2 * logp).mean()
+    ref.backward()
+    _assert_close(loss, ref, 1e-5, 1e-6, "focal loss")
+    _assert_close(x.grad, x64.grad, 0, 1e-6, "focal grad")
+
+
+def test_compile_fullgraph_on_gpu():
+    model = torch.nn.Linear(64, 1000, device="cuda")
+    x = torch.randn(32, 64, device="cuda")
+    t = torch.randint(0, 1000, (32,), device="cuda")
+
+    def step(x, t):
+        return fusedloss.cross_entropy(model(x), t, label_smoothing=0.1)
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss = compiled(x, t)
+    loss.backward()
+    ref = F.cross_entropy(model(x).double(), t, label_smoothing=0.1)
+    _assert_close(loss, ref, 1e-5, 1e-5, "compiled loss")
+
