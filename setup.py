@@ -8,6 +8,7 @@ at::get_cpu_capability(). Nothing is built with -march=native.
 import glob
 import os
 import platform
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from setuptools import setup
@@ -18,7 +19,8 @@ GEN = os.path.join("build", "fusedloss_gen")
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 CAPABILITY_FLAGS = {"DEFAULT": []}
-if X86:
+# FUSEDLOSS_CPU_DEFAULT_ONLY=1 skips the AVX2/AVX512 builds (quicker builds on GPU machines).
+if X86 and os.environ.get("FUSEDLOSS_CPU_DEFAULT_ONLY", "0") != "1":
     CAPABILITY_FLAGS["AVX2"] = ["-mavx2", "-mfma", "-mf16c"]
     CAPABILITY_FLAGS["AVX512"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
 
@@ -44,10 +46,35 @@ def capability_of(src):
     return parts[-2] if len(parts) >= 3 and parts[-2] in CAPABILITY_FLAGS else None
 
 
+def parallel_compile(compiler):
+    """distutils compiles one file at a time on the non-ninja path; run them in parallel
+    (MAX_JOBS, default: all cores). Same steps as CCompiler.compile."""
+    jobs = int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))
+
+    def compile(sources, output_dir=None, macros=None, include_dirs=None, debug=0,
+                extra_preargs=None, extra_postargs=None, depends=None):
+        macros, objects, extra_postargs, pp_opts, build = compiler._setup_compile(
+            output_dir, macros, include_dirs, sources, depends, extra_postargs)
+        cc_args = compiler._get_cc_args(pp_opts, debug, extra_preargs)
+
+        def one(obj):
+            if obj in build:
+                src, ext = build[obj]
+                compiler._compile(obj, src, ext, cc_args, extra_postargs, pp_opts)
+
+        with ThreadPoolExecutor(max(jobs, 1)) as pool:
+            list(pool.map(one, objects))
+        return objects
+
+    return compile
+
+
 class Build(BuildExtension):
-    """Adds the per-capability flags to the generated wrappers (needs the non-ninja compile path)."""
+    """Adds the per-capability flags to the generated wrappers (needs the non-ninja compile
+    path, which this also parallelizes)."""
 
     def build_extension(self, ext):
+        self.compiler.compile = parallel_compile(self.compiler)
         compile_one = self.compiler._compile
 
         def _compile(obj, src, ext_, cc_args, extra_postargs, pp_opts):
