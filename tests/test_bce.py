@@ -5,9 +5,8 @@ import torch.nn.functional as F
 
 import fusedloss
 from conftest import (
-    gradcheck,
-    REDUCTIONS, check_against, check_close, check_deterministic, check_unmodified, infinite_logit_cases,
-    make_logits, snapshot, value_and_grad,
+    REDUCTIONS, check_against, check_close, check_deterministic, check_unmodified, gradcheck,
+    infinite_logit_cases, make_logits, snapshot,
 )
 
 N, C = 6, 7

@@ -5,10 +5,9 @@ import torch.nn.functional as F
 
 import fusedloss
 from conftest import (
-    gradcheck,
     INF, NAN, REDUCTIONS, allowed_rows_reference, check_against, check_close, check_deterministic,
-    check_exact, check_out_of_range, check_unmodified, grad_output_for, make_logits, make_target, reduce_rows, snapshot,
-    value_and_grad,
+    check_exact, check_out_of_range, check_unmodified, grad_output_for, gradcheck, make_logits,
+    make_target, reduce_rows, snapshot, value_and_grad,
 )
 
 N, C = 6, 11
@@ -174,24 +173,29 @@ def test_mask(backend, reduction, case):
     )
 
 
+@pytest.mark.parametrize("softcap", [None, 2.0])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_masked_target(backend, eps):
+def test_masked_target(backend, eps, softcap):
     """Rule 4: target class masked, others allowed -> loss +inf, gradient softmax - onehot
-    (finite, -(1 - eps) at the target)."""
+    (finite, -(1 - eps) at the target, with no softcap factor there: the class is masked)."""
     x = make_logits((3, 6), torch.float64)
     x[0, 2] = -INF
     t = torch.tensor([2, 0, 5])
     mask = torch.tensor([True, True, True, True, False, True])
     leaf = x.clone().requires_grad_()
-    out = fusedloss.cross_entropy(leaf, t, reduction="none", label_smoothing=eps, mask=mask, backend=backend)
+    out = fusedloss.cross_entropy(leaf, t, reduction="none", label_smoothing=eps, mask=mask, softcap=softcap, backend=backend)
     out.backward(torch.ones(3, dtype=torch.float64))
     assert out[0].item() == INF, f"loss of the masked-target row: {out[0].item()}"
     allowed = mask & (x[0] != -INF)
-    p = torch.zeros(6, dtype=torch.float64)
-    p[allowed] = torch.softmax(x[0, allowed], 0)
-    expected = (1 - eps) * (p - F.one_hot(torch.tensor(2), 6)) + eps * (p - allowed.double() / allowed.sum())
+    z, dz_dx = x[0, allowed], torch.ones(int(allowed.sum()), dtype=torch.float64)
+    if softcap:
+        z, dz_dx = softcap * torch.tanh(z / softcap), 1 - torch.tanh(z / softcap) ** 2
+    expected = torch.zeros(6, dtype=torch.float64)
+    p = torch.softmax(z, 0)
+    expected[allowed] = ((1 - eps) * p + eps * (p - 1 / allowed.sum())) * dz_dx
+    expected[2] = -(1 - eps)
     check_close(leaf.grad[0], expected, torch.float64, "masked-target gradient", grad=True)
-    assert leaf.grad[0, ~allowed].tolist() == [-(1 - eps), 0.0], "masked classes: -(1-eps) at the target, exactly 0 elsewhere"
+    assert leaf.grad[0, 4].item() == 0.0, "a masked non-target class has gradient exactly 0"
     assert out.sum().item() == INF
 
 
@@ -266,9 +270,11 @@ def test_nan_propagates(backend, form):
     """Rule 8: NaN in a counted row reaches the loss."""
     x = make_logits((4, C))
     x[2, 5] = NAN
+    x[3] = -INF  # NaN the only non--inf logit: not an empty row (a NaN-dropping max would say so)
+    x[3, 1] = NAN
     t = torch.tensor([0, 1, 2, 3]) if form == "class" else torch.softmax(torch.randn(4, C), 1)
     none = fusedloss.cross_entropy(x, t, reduction="none", backend=backend)
-    assert torch.isnan(none[2]) and torch.isfinite(none[[0, 1, 3]]).all(), none
+    assert torch.isnan(none[2:]).all() and torch.isfinite(none[:2]).all(), none
     assert torch.isnan(fusedloss.cross_entropy(x, t, backend=backend))
 
 

@@ -6,9 +6,9 @@ import torch.nn.functional as F
 
 import fusedloss
 from conftest import (
-    gradcheck,
     INF, NAN, REDUCTIONS, allowed_rows_reference, check_against, check_close, check_deterministic,
-    check_out_of_range, check_unmodified, make_logits, make_target, reduce_rows, snapshot, value_and_grad,
+    check_out_of_range, check_unmodified, gradcheck, make_logits, make_target, reduce_rows,
+    snapshot, value_and_grad,
 )
 
 N, C = 6, 9
