@@ -13,7 +13,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 from torch.nn import _reduction
 
 from fusedloss import _backend
@@ -144,28 +143,51 @@ def _forward(ctx, x, run, reduction, inplace, grad_row_shape, numel=None):
         out, denom = loss.sum() / numel, None
     else:
         out, denom = _reduce(loss, count, reduction)
-    ctx.reduction, ctx.grad_row_shape, ctx.numel = reduction, grad_row_shape, numel
+    ctx.reduction, ctx.grad_row_shape, ctx.numel, ctx.inplace = reduction, grad_row_shape, numel, inplace
     ctx.save_for_backward(grad, denom)
     return out.to(x.dtype)
 
 
 class _RowLossFn(torch.autograd.Function):
     """Shared backward: the forward kernel already wrote the gradient of each row's loss;
-    backward scales it in place by grad_output (/ denominator) -- one pass, no second
-    N x C allocation. A second backward through the same graph fails autograd's
-    saved-tensor version check instead of scaling twice."""
+    backward scales it by grad_output (/ denominator) -- one pass.
+
+    With inplace_backward the gradient lives in the input's storage and is scaled in place
+    (no N x C allocation at all); a second backward through the same graph then fails
+    autograd's saved-tensor version check instead of scaling twice. Otherwise the scaling
+    is out of place, so the saved unscaled gradient survives for a second backward
+    (retain_graph=True, torch.autograd.gradcheck's reentrancy check: SPEC section 3)."""
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
+        create_graph = torch.is_grad_enabled()
         grad, denom = ctx.saved_tensors
         if grad is None:
-            scaled = None
-        elif ctx.numel is not None and ctx.reduction == "mean":
-            scaled = grad.mul_(grad_out / ctx.numel)
-        else:
-            scaled = grad.mul_(_grad_scale(grad_out, denom, ctx.reduction, ctx.grad_row_shape))
+            return (None,) * 11
+        with torch.no_grad():
+            if ctx.numel is not None and ctx.reduction == "mean":
+                scale = grad_out / ctx.numel
+            else:
+                scale = _grad_scale(grad_out, denom, ctx.reduction, ctx.grad_row_shape)
+            scaled = grad.mul_(scale) if ctx.inplace else torch.mul(grad, scale).to(grad.dtype)
+        if create_graph:  # mark the gradient so that differentiating it again fails clearly
+            scaled = _NoDoubleBackward.apply(scaled.detach().requires_grad_())
         return (scaled,) + (None,) * 10
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on the gradient returned under create_graph=True, whose backward raises:
+    the fused kernels give no second derivative (SPEC section 3). Unlike
+    @once_differentiable this also fires when grad_output itself does not require grad
+    (e.g. a gradient penalty), instead of silently returning a gradient with no graph."""
+
+    @staticmethod
+    def forward(ctx, g):
+        return g.view_as(g)
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError("fusedloss: double backward (differentiating a gradient) is not implemented for fusedloss losses")
 
 
 class _CrossEntropyFn(_RowLossFn):

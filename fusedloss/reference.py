@@ -1,13 +1,215 @@
-"""Pure-PyTorch reference of the contract (the `torch` backend). See docs/formulas.md."""
+"""Pure-PyTorch reference of the contract (the `torch` backend). See docs/formulas.md.
+
+This module is the spec in code: the same three ops as csrc/ops.cpp, with the same
+inputs and outputs, written for readability rather than speed (no fusion, several
+N x C temporaries), but vectorized -- no Python loop over rows. Everything is computed
+in the accumulation dtype (float64 for float64 input, float32 otherwise).
+
+Two hazards shape the code:
+  * `0 * inf` is NaN. Every product whose coefficient may be 0 while the other factor may
+    be infinite goes through `_times`, which makes the term exactly 0 (formulas: "a term
+    whose coefficient is 0 is 0").
+  * `torch.where` picks values, but the discarded branch is still computed; the rows it
+    discards (ignored, empty, out-of-range) may hold NaN there, and that is fine because
+    nothing downstream reads the discarded branch (no autograd runs through this code).
+"""
+import torch
+
+from fusedloss._ops import acc_dtype
+
+__all__ = ["ce_fwd", "focal_fwd", "binary_fwd"]
+
+
+def _times(coef, value):
+    """coef * value, exactly 0 where coef == 0 (even where value is +-inf or NaN)."""
+    return torch.where(coef == 0, torch.zeros_like(value), coef * value)
+
+
+def _softmax_parts(x, mask, softcap):
+    """Shared softmax bookkeeping for one (N, C, D) batch of rows, along dim 1.
+
+    Returns (allowed, z, lse, p, dz_dx, has_nan):
+      allowed (N, C, D) bool   class allowed: mask True there and logit != -inf
+      z       (N, C, D)        softcapped logits, -inf at masked classes
+      lse     (N, 1, D)        logsumexp over allowed classes (-inf for empty rows)
+      p       (N, C, D)        softmax over allowed classes, 0 at masked classes
+      dz_dx   (N, C, D)        tanh derivative of the softcap at allowed classes, 1 elsewhere
+                               (masked classes take no softcap factor)
+      has_nan (N, 1, D) bool   some allowed logit is NaN (the row is then not empty)
+    """
+    allowed = x != float("-inf")
+    if mask is not None:
+        allowed = allowed & mask
+    if softcap > 0:
+        th = torch.tanh(x / softcap)
+        z = softcap * th
+        dz_dx = torch.where(allowed, 1 - th * th, torch.ones_like(x))
+    else:
+        z, dz_dx = x, None
+    z = torch.where(allowed, z, torch.full_like(z, float("-inf")))
+    has_nan = torch.isnan(z).any(dim=1, keepdim=True)
+    # max over allowed classes; -inf for empty rows, shifted by 0 there so exp() sees -inf.
+    m = torch.amax(z, dim=1, keepdim=True)
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    e = torch.exp(z - m)  # 0 at masked classes
+    s = e.sum(dim=1, keepdim=True)
+    lse = m + torch.log(s)
+    p = e / s  # NaN on empty rows (0 / 0); those rows are discarded by the caller
+    return allowed, z, lse, p, dz_dx, has_nan
+
+
+def _class_rows(x, target, ignore_index, allowed, has_nan):
+    """Row kinds for class-index targets: (ignored, counted, t) with t (N, 1, D) a safe index.
+
+    Order as docs/formulas.md: ignored, out of range, empty, counted. Out-of-range targets
+    raise IndexError for CPU tensors; elsewhere (no host sync) they are flagged NaN by the
+    caller via the returned `out_of_range` mask.
+    """
+    n_classes = x.shape[1]
+    t = target.unsqueeze(1)  # (N, 1, D)
+    ignored = t == ignore_index
+    out_of_range = ~ignored & ((t < 0) | (t >= n_classes))
+    if x.device.type == "cpu" and bool(out_of_range.any()):
+        bad = int(t[out_of_range][0])
+        raise IndexError(f"Target {bad} is out of bounds: expected a class index in [0, {n_classes}) or ignore_index={ignore_index}")
+    empty = ~allowed.any(dim=1, keepdim=True) & ~has_nan
+    counted = ~ignored & ~out_of_range & ~empty
+    t_safe = torch.where(ignored | out_of_range, torch.zeros_like(t), t)
+    return counted, out_of_range, t_safe
+
+
+def _finish(loss, count, g, counted, out_of_range, grad, dz_dx):
+    """Zero the non-counted rows, NaN the out-of-range ones, write the gradient."""
+    zero = torch.zeros_like(loss)
+    loss = torch.where(counted, loss, zero)
+    loss = torch.where(out_of_range, torch.full_like(loss, float("nan")), loss)
+    count = torch.where(counted, count, zero)
+    if grad is not None:
+        if dz_dx is not None:
+            g = g * dz_dx
+        g = torch.where(counted, g, torch.zeros_like(g))
+        grad.copy_(g)
+    return loss.squeeze(1), count.squeeze(1)
 
 
 def ce_fwd(logits, target, weight, mask, grad, ignore_index, label_smoothing, z_loss, softcap):
-    raise NotImplementedError
+    """Cross-entropy per row. logits (N, C, D); target (N, D) int64 or (N, C, D) probabilities;
+    weight (C,) acc or None; mask (N, C, D) bool or None; grad (N, C, D) or None.
+    Returns (loss (N, D) acc, count (N, D) acc)."""
+    acc = acc_dtype(logits.dtype)
+    x = logits.to(acc)
+    eps, zl = float(label_smoothing), float(z_loss)
+    allowed, z, lse, p, dz_dx, has_nan = _softmax_parts(x, mask, float(softcap))
+    w = torch.ones_like(x[:1, :, :1]) if weight is None else weight.to(acc).view(1, -1, 1)  # (1, C, 1)
+    n_allowed = allowed.sum(dim=1, keepdim=True).to(acc)  # |A|, (N, 1, D)
+    n_allowed_safe = torch.where(n_allowed > 0, n_allowed, torch.ones_like(n_allowed))
+    lse_minus_z = lse - z  # +inf at masked classes
+
+    if target.dtype.is_floating_point:
+        return _ce_prob(x, target.to(acc), w, grad, eps, zl, allowed, lse, p, dz_dx, has_nan, n_allowed_safe, lse_minus_z)
+
+    counted, out_of_range, t = _class_rows(x, target, ignore_index, allowed, has_nan)
+    onehot = torch.zeros_like(x).scatter_(1, t, 1.0)  # (N, C, D)
+    w_t = w.expand(x.shape[0], -1, x.shape[2]).gather(1, t)  # (N, 1, D)
+
+    # Main term: (1 - eps) * w_t * (lse - z_t); +inf when the target is masked (rule 4).
+    loss = _times((1 - eps) * w_t, lse_minus_z.gather(1, t))
+    g = (1 - eps) * w_t * (p - onehot)
+    if eps > 0:  # uniform part over the allowed classes only (rule 5)
+        w_a = torch.where(allowed, w.expand_as(x), torch.zeros_like(x))
+        loss = loss + (eps / n_allowed_safe) * torch.where(allowed, w_a * lse_minus_z, torch.zeros_like(x)).sum(1, keepdim=True)
+        g = g + (eps / n_allowed_safe) * (w_a.sum(1, keepdim=True) * p - w_a)
+    if zl != 0:  # z-loss, weighted by the target's class weight (rule 9)
+        loss = loss + zl * w_t * lse * lse
+        g = g + 2 * zl * w_t * lse * p
+    return _finish(loss, w_t, g, counted, out_of_range, grad, dz_dx)
+
+
+def _ce_prob(x, y, w, grad, eps, zl, allowed, lse, p, dz_dx, has_nan, n_allowed_safe, lse_minus_z):
+    """Cross-entropy with class-probability targets y (N, C, D); no ignore_index."""
+    y_s = (1 - eps) * y
+    if eps > 0:
+        y_s = y_s + torch.where(allowed, eps / n_allowed_safe, torch.zeros_like(y))
+    coef = w * y_s  # (N, C, D); a term with coefficient 0 is 0 even at -inf logits (rule 7)
+    loss = _times(coef, lse_minus_z).sum(1, keepdim=True)
+    g = coef.sum(1, keepdim=True) * p - coef
+    if zl != 0:  # unweighted for probability targets
+        loss = loss + zl * lse * lse
+        g = g + 2 * zl * lse * p
+    counted = allowed.any(dim=1, keepdim=True) | has_nan  # only empty rows are not counted
+    no_row = torch.zeros_like(counted)
+    return _finish(loss, torch.ones_like(loss), g, counted, no_row, grad, dz_dx)
 
 
 def focal_fwd(logits, target, alpha, mask, grad, ignore_index, gamma):
-    raise NotImplementedError
+    """Softmax focal loss per row: -alpha_t * (1 - p_t)^gamma * log(p_t).
+    logits, mask, grad as ce_fwd; target (N, D) int64; alpha (C,) acc or None.
+    Returns (loss (N, D) acc, count (N, D) acc)."""
+    acc = acc_dtype(logits.dtype)
+    x = logits.to(acc)
+    gamma = float(gamma)
+    allowed, z, lse, p, _, has_nan = _softmax_parts(x, mask, 0.0)
+    counted, out_of_range, t = _class_rows(x, target, ignore_index, allowed, has_nan)
+    a = torch.ones_like(x[:1, :, :1]) if alpha is None else alpha.to(acc).view(1, -1, 1)
+    alpha_t = a.expand(x.shape[0], -1, x.shape[2]).gather(1, t)  # (N, 1, D)
+
+    logp = z.gather(1, t) - lse  # -inf when the target is masked
+    p_t = torch.exp(logp)
+    q = -torch.expm1(logp)  # 1 - p_t, accurate near p_t = 1
+    q_g = torch.pow(q, gamma)  # pow(0, 0) == 1: gamma = 0 is cross-entropy
+    loss = _times(alpha_t * q_g, -logp)
+
+    # dloss/dz_c = G * (p_c - [c == t]),  G = alpha_t * q^gamma * (1 - gamma * p_t * r),
+    # r = log(p_t) / (1 - p_t) -> -1 as p_t -> 1: finite for 0 < gamma < 1 where q^(gamma-1)
+    # alone would overflow. p_t == 0 (masked target) makes the correction 0, not 0 * -inf.
+    r = torch.where(q == 0, -torch.ones_like(q), logp / q)
+    correction = torch.where(p_t == 0, torch.zeros_like(p_t), gamma * p_t * r)
+    G = alpha_t * q_g * (1 - correction)
+    onehot = torch.zeros_like(x).scatter_(1, t, 1.0)
+    g = G * (p - onehot)
+    return _finish(loss, torch.ones_like(loss), g, counted, out_of_range, grad, None)
+
+
+def _softplus(v):
+    """log(1 + exp(v)), stable, exact limits at +-inf (0 at -inf, +inf at +inf)."""
+    return torch.log1p(torch.exp(-v.abs())) + v.clamp_min(0)
 
 
 def binary_fwd(input, target, weight, pos_weight, grad, gamma, alpha, reduce):
-    raise NotImplementedError
+    """BCE-with-logits (gamma == 0 and alpha < 0) or torchvision's sigmoid focal loss, per
+    element of the (M, L) view. weight, pos_weight (M, L) acc (broadcast views) or None.
+    Returns (M, L) acc, or (M,) acc (each row's sum) when reduce."""
+    acc = acc_dtype(input.dtype)
+    x = input.to(acc)
+    y = target.to(acc)
+    gamma, alpha = float(gamma), float(alpha)
+    pw = torch.ones_like(x) if pos_weight is None else pos_weight.to(acc)
+    s, sn = torch.sigmoid(x), torch.sigmoid(-x)
+
+    # ce = pw*y*sp(-x) + (1-y)*sp(x), each term 0 when its coefficient is 0 (rule 12 limits).
+    ce = _times(pw * y, _softplus(-x)) + _times(1 - y, _softplus(x))
+    dce = (1 - y) * s - pw * y * sn
+
+    if gamma == 0 and alpha < 0:  # plain BCE
+        loss, g = ce, dce
+    else:  # sigmoid focal
+        alpha_t = torch.ones_like(x) if alpha < 0 else alpha * y + (1 - alpha) * (1 - y)
+        q = (1 - y) * s + y * sn  # 1 - p_t
+        q_g = torch.pow(q, gamma)
+        loss = alpha_t * _times(q_g, ce)
+        g = dce * q_g
+        if gamma != 0:
+            # d(q^gamma)/dx = gamma * q^gamma * (1 - 2y) * r,  r = s*sn/q <= 1: finite for every
+            # gamma >= 0; the term is 0 where r == 0 (avoids inf * 0 at infinite x).
+            ssn = s * sn
+            r = torch.where((q == 0) | (ssn == 0), torch.zeros_like(q), ssn / torch.where(q == 0, torch.ones_like(q), q))
+            term = gamma * ce * q_g * (1 - 2 * y) * r
+            g = g + torch.where(r == 0, torch.zeros_like(term), term)
+        g = alpha_t * g
+    if weight is not None:  # weight 0: loss 0 and gradient 0 whatever x is (rule 12)
+        w = weight.to(acc)
+        loss = _times(w, loss)
+        g = _times(w, g)
+    if grad is not None:
+        grad.copy_(g)
+    return loss.sum(dim=1) if reduce else loss
