@@ -100,6 +100,10 @@ FUSEDLOSS_HD void merge_max_sum(T& m, T& s, T m2, T s2) {
 template <typename T>
 FUSEDLOSS_HD void add_max_sum(T& m, T& s, T z) {
   if (z == neg_inf<T>()) return;
+  if (z == pos_inf<T>()) {  // exp(z - m) = exp(inf - inf): NaN, as merge_max_sum and PyTorch give
+    m = s = quiet_nan<T>();
+    return;
+  }
   if (z > m) {  // rescale the old sum to the new max; exp(-inf) = 0 when m was -inf
     s = s * Math<T>::exp(m - z) + T(1);
     m = z;
