@@ -12,12 +12,11 @@
 #include <Python.h>
 #include <torch/library.h>
 
-extern "C" {
 // `import fusedloss._C` runs the static registrations below; the module itself is empty.
-PyObject* PyInit__C(void) {
+// PyMODINIT_FUNC exports the symbol despite -fvisibility=hidden (and adds extern "C").
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&def);
-}
 }
 
 TORCH_LIBRARY(fusedloss, m) {

@@ -6,6 +6,7 @@
 // capability with FUSEDLOSS_DECLARE_CPU_KERNEL and call FUSEDLOSS_CPU_KERNEL(name)(args...).
 #pragma once
 #include <ATen/Context.h>
+#include <ATen/Version.h>  // at::get_cpu_capability()
 #include <string>
 
 namespace fusedloss {

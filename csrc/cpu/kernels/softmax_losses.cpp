@@ -1,0 +1,421 @@
+// CPU kernels of ce_fwd and focal_fwd (schemas: csrc/ops.cpp; math: docs/formulas.md and
+// csrc/common/softmax_row.h, whose per-row formulas the CUDA kernels share).
+//
+// Compiled once per CPU capability (setup.py), inside fusedloss::CPU_CAPABILITY, with
+// at::vec::Vectorized<acc_t> (acc_t = float, or double for float64 logits; bf16/fp16 are
+// converted to float on load). at::parallel_for splits the rows; each row is handled by one
+// thread in at most two passes over its C logits:
+//   pass 1  online max / sum-exp, by blocks of kBlock vectors held in registers: one
+//           horizontal max per block, then one exp per element (the running sum is rescaled
+//           once per block, not once per element). The smoothing and probability-target sums
+//           ride along. When the gradient is wanted and the row is plain (float/double,
+//           contiguous, no mask, smoothing or softcap), pass 1 also stores e_c = exp(z_c - M_b)
+//           into grad with the block's running max M_b, so pass 2 needs no exp at all.
+//   pass 2  only with grad: writes dloss/dx_c while the row is still in L2. In place
+//           (grad aliasing logits) is safe: every element is read before it is written, in
+//           the same order, and the target logit is read before pass 1.
+// A row is "contiguous" when the class stride of logits (and grad, probability target) is 1,
+// whatever the row strides; otherwise (K-dim inputs, transposed views) the same code gathers
+// each vector with a strided scalar loop.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "common/softmax_row.h"
+
+namespace fusedloss {
+namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+namespace row {
+// Vector adapter of the shared element formulas: Sleef exp/tanh (1 ulp; exp_u20 would break
+// the 1e-6 float32 gradient tolerance).
+template <typename T>
+struct Math<Vectorized<T>> {
+  static Vectorized<T> exp(const Vectorized<T>& x) { return x.exp(); }
+  static Vectorized<T> tanh(const Vectorized<T>& x) { return x.tanh(); }
+};
+}  // namespace row
+
+namespace {
+
+enum class LossKind { kCeIndex, kCeProb, kFocal };
+
+constexpr int kBlock = 8;  // vectors per pass-1 block (8 registers; 128 floats on AVX512)
+
+template <typename acc_t>
+struct Config {
+  LossKind kind;
+  int64_t C;
+  int64_t ignore_index;
+  const acc_t* weight;  // (C,) class weight (ce) or alpha (focal), or nullptr
+  acc_t eps, zl, cap, gamma;
+  bool smoothing;  // eps > 0
+  bool softcap;    // cap > 0
+  bool has_mask;
+};
+
+// One row's operands: base pointer and class stride.
+template <typename scalar_t>
+struct Row {
+  const scalar_t* x;
+  int64_t xs;
+  const scalar_t* y;  // probability target or nullptr
+  int64_t ys;
+  const bool* mask;  // or nullptr
+  int64_t ms;
+  scalar_t* g;  // grad or nullptr
+  int64_t gs;
+};
+
+// ----------------------------------------------------------------------------- vector I/O
+// Loads n (<= size()) elements starting at p with stride `stride` into a vector of acc_t;
+// lanes >= n get `pad` (-inf for logits: a padded lane is a masked class).
+template <typename acc_t, bool kContig, typename scalar_t>
+inline Vectorized<acc_t> load_vec(const scalar_t* p, int64_t stride, int64_t n, acc_t pad) {
+  using V = Vectorized<acc_t>;
+  constexpr int kV = V::size();
+  if (kContig && n >= kV) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      return V::loadu(p);
+    } else {
+      V out;
+      at::vec::load_to_float(p, out);
+      return out;
+    }
+  }
+  alignas(64) acc_t buf[kV];
+  for (int i = 0; i < kV; ++i) buf[i] = i < n ? static_cast<acc_t>(p[i * stride]) : pad;
+  return V::loadu(buf);
+}
+
+template <bool kContig, typename acc_t, typename scalar_t>
+inline void store_vec(scalar_t* p, int64_t stride, int64_t n, const Vectorized<acc_t>& v) {
+  constexpr int kV = Vectorized<acc_t>::size();
+  if (kContig && n >= kV) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      v.store(p);
+    } else {
+      at::vec::convert_from_float<scalar_t>(v, v).store(p, kV);
+    }
+    return;
+  }
+  alignas(64) acc_t buf[kV];
+  v.store(buf);
+  for (int64_t i = 0; i < std::min<int64_t>(n, kV); ++i) p[i * stride] = static_cast<scalar_t>(buf[i]);
+}
+
+// All-ones lanes where the mask is True (lanes >= n: False).
+template <typename acc_t>
+inline Vectorized<acc_t> load_mask(const bool* m, int64_t stride, int64_t n) {
+  using V = Vectorized<acc_t>;
+  alignas(64) acc_t buf[V::size()];
+  for (int i = 0; i < V::size(); ++i) buf[i] = (i < n && m[i * stride]) ? acc_t(1) : acc_t(0);
+  return V::loadu(buf) != V(acc_t(0));
+}
+
+template <typename acc_t>
+inline acc_t reduce_max(const Vectorized<acc_t>& v) {  // NaN-propagating
+  return at::vec::vec_reduce_all<acc_t>(
+      [](const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) { return at::vec::maximum(a, b); }, v);
+}
+
+template <typename acc_t>
+inline acc_t reduce_sum(const Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>(
+      [](const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) { return a + b; }, v);
+}
+
+template <bool kContig, typename acc_t, typename scalar_t>
+void zero_row_grad(scalar_t* g, int64_t gs, int64_t C) {
+  constexpr int kV = Vectorized<acc_t>::size();
+  const Vectorized<acc_t> zero(acc_t(0));
+  for (int64_t c = 0; c < C; c += kV) store_vec<kContig>(g + c * gs, gs, C - c, zero);
+}
+
+// ----------------------------------------------------------------------------- one row
+// Logits of n classes at c as they enter the softmax: masked (mask False or -inf) -> -inf,
+// softcap applied to the others. `allowed` gets the allowed lanes.
+template <typename acc_t, bool kContig, typename scalar_t>
+inline Vectorized<acc_t> load_z(const Config<acc_t>& cfg, const Row<scalar_t>& r, int64_t c, int64_t n,
+                                Vectorized<acc_t>& allowed, Vectorized<acc_t>* dzdx) {
+  using V = Vectorized<acc_t>;
+  const V ninf(row::neg_inf<acc_t>());
+  V x = load_vec<acc_t, kContig>(r.x + c * r.xs, r.xs, n, row::neg_inf<acc_t>());
+  allowed = x != ninf;
+  if (cfg.has_mask) {
+    allowed = allowed & load_mask<acc_t>(r.mask + c * r.ms, r.ms, n);
+    x = V::blendv(ninf, x, allowed);  // a masked NaN logit is masked, not NaN
+  }
+  if (cfg.softcap) {
+    V d;
+    const V z = row::softcap_z(x, V(cfg.cap), V(acc_t(1) / cfg.cap), V(acc_t(1)), d);
+    if (dzdx) *dzdx = d;
+    return V::blendv(ninf, z, allowed);  // tanh(-inf) = -1 would unmask the class
+  }
+  return x;
+}
+
+template <typename acc_t>
+struct RowResult {
+  acc_t loss, count;
+};
+
+// `block_max`: scratch of ceil(C / (kBlock * kV)) entries, used when `store_e`.
+template <typename acc_t, bool kContig, typename scalar_t>
+RowResult<acc_t> softmax_row(const Config<acc_t>& cfg, const Row<scalar_t>& r, int64_t t, bool store_e,
+                             acc_t* block_max) {
+  using V = Vectorized<acc_t>;
+  constexpr int kV = V::size();
+  constexpr int64_t kStep = int64_t(kBlock) * kV;
+  const int64_t C = cfg.C;
+  const bool index_target = cfg.kind != LossKind::kCeProb;
+
+  // --- classification, and the target's logit (read before anything is written: in place)
+  acc_t z_t = 0, dzdx_t = 1, w_t = 1;
+  bool t_allowed = false;
+  if (index_target) {
+    const auto kind = row::classify_target(t, cfg.ignore_index, C);
+    TORCH_CHECK_INDEX(kind != row::kOutOfRange, "fusedloss: target ", t, " is out of bounds: class targets must be in [0, ",
+                      C, ") (C = ", C, ") or equal ignore_index (", cfg.ignore_index, ")");
+    if (kind == row::kIgnored) {
+      if (r.g) zero_row_grad<kContig, acc_t>(r.g, r.gs, C);
+      return {acc_t(0), acc_t(0)};
+    }
+    const acc_t x_t = static_cast<acc_t>(r.x[t * r.xs]);
+    t_allowed = x_t != row::neg_inf<acc_t>() && (!cfg.has_mask || r.mask[t * r.ms]);
+    z_t = t_allowed ? x_t : row::neg_inf<acc_t>();
+    if (t_allowed && cfg.softcap) z_t = row::softcap_z(x_t, cfg.cap, acc_t(1) / cfg.cap, acc_t(1), dzdx_t);
+    if (cfg.weight) w_t = cfg.weight[t];
+  }
+
+  // --- pass 1
+  const bool side = cfg.smoothing || cfg.kind == LossKind::kCeProb;
+  const V ninf(row::neg_inf<acc_t>()), zero(acc_t(0)), one(acc_t(1));
+  acc_t M = row::neg_inf<acc_t>();
+  V s_acc(acc_t(0)), n_acc(acc_t(0)), wa_acc(acc_t(0)), wz_acc(acc_t(0)), wy_acc(acc_t(0)), wyz_acc(acc_t(0));
+  for (int64_t c0 = 0, b = 0; c0 < C; c0 += kStep, ++b) {
+    V z[kBlock];
+    V bmax = ninf;
+    for (int j = 0; j < kBlock; ++j) {
+      const int64_t c = c0 + int64_t(j) * kV;
+      V allowed;
+      z[j] = c < C ? load_z<acc_t, kContig>(cfg, r, c, C - c, allowed, nullptr) : ninf;
+      bmax = at::vec::maximum(bmax, z[j]);
+      if (side && c < C) {
+        const V w = cfg.weight ? load_vec<acc_t, true>(cfg.weight + c, 1, C - c, acc_t(0)) : one;
+        if (cfg.smoothing) {
+          n_acc += V::blendv(zero, one, allowed);
+          wa_acc += V::blendv(zero, w, allowed);
+          wz_acc += V::blendv(zero, w * z[j], allowed);  // w * -inf never reaches the sum
+        }
+        if (cfg.kind == LossKind::kCeProb) {
+          const V wy = w * load_vec<acc_t, kContig>(r.y + c * r.ys, r.ys, C - c, acc_t(0));
+          wy_acc += wy;
+          wyz_acc += V::blendv(wy * z[j], zero, wy == zero);  // 0 * log 0 = 0 (rule 7)
+        }
+      }
+    }
+    const acc_t Mn = row::nan_max(M, reduce_max(bmax));
+    if (row::is_empty_row(Mn)) {  // nothing allowed so far: e = 0
+      if (store_e) {
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          for (int64_t c = c0; c < std::min(C, c0 + kStep); c += kV) zero.store(r.g + c, std::min<int64_t>(kV, C - c));
+        }
+        block_max[b] = Mn;
+      }
+      continue;
+    }
+    if (!(Mn == M)) s_acc = s_acc * V(row::Math<acc_t>::exp(M - Mn));  // M = -inf: 0
+    M = Mn;
+    const V vM(M);
+    for (int j = 0; j < kBlock; ++j) {
+      const V e = row::Math<V>::exp(z[j] - vM);
+      s_acc += e;
+      const int64_t c = c0 + int64_t(j) * kV;
+      if (store_e && c < C) {
+        if constexpr (std::is_same_v<scalar_t, acc_t>) e.store(r.g + c, std::min<int64_t>(kV, C - c));
+      }
+    }
+    if (store_e) block_max[b] = M;
+  }
+
+  row::RowStats<acc_t> st;
+  st.m = M;
+  st.s = reduce_sum(s_acc);
+  if (cfg.smoothing) {
+    st.n_allowed = reduce_sum(n_acc);
+    st.w_allowed = reduce_sum(wa_acc);
+    st.wz_allowed = reduce_sum(wz_acc);
+  }
+  if (cfg.kind == LossKind::kCeProb) {
+    st.wy = reduce_sum(wy_acc);
+    st.wyz = reduce_sum(wyz_acc);
+  }
+
+  // --- finalize
+  row::RowCoefs<acc_t> k;
+  switch (cfg.kind) {
+    case LossKind::kCeIndex: k = row::ce_finalize_index(st, z_t, w_t, cfg.eps, cfg.zl, cfg.smoothing); break;
+    case LossKind::kCeProb: k = row::ce_finalize_prob(st, cfg.eps, cfg.zl, cfg.smoothing); break;
+    case LossKind::kFocal: k = row::focal_finalize(st, z_t, w_t, cfg.gamma); break;
+  }
+  const RowResult<acc_t> res{k.loss, k.count};
+  if (!r.g) return res;
+  if (!k.grad) {
+    zero_row_grad<kContig, acc_t>(r.g, r.gs, C);
+    return res;
+  }
+
+  // --- pass 2
+  if (store_e) {
+    // grad holds e_c = exp(z_c - M_b): p_c = e_c exp(M_b - lse), one exp per block.
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      for (int64_t c0 = 0, b = 0; c0 < C; c0 += kStep, ++b) {
+        const V scale(k.coef_p * row::Math<acc_t>::exp(block_max[b] - k.lse));
+        const int64_t end = std::min(C, c0 + kStep);
+        int64_t c = c0;
+        for (; c + kV <= end; c += kV) {
+          row::grad_of_p(V::loadu(r.g + c), scale, zero).store(r.g + c);
+        }
+        if (c < end) row::grad_of_p(V::loadu(r.g + c, end - c), scale, zero).store(r.g + c, end - c);
+      }
+    }
+  } else {
+    const V lse(k.lse), coef_p(k.coef_p), smooth(k.smooth), hard(acc_t(1) - cfg.eps);
+    for (int64_t c = 0; c < C; c += kV) {
+      const int64_t n = C - c;
+      V allowed, dzdx;
+      const V z = load_z<acc_t, kContig>(cfg, r, c, n, allowed, &dzdx);
+      V coef_y = zero, masked_g = zero;
+      if (cfg.smoothing || cfg.kind == LossKind::kCeProb) {
+        const V w = cfg.weight ? load_vec<acc_t, true>(cfg.weight + c, 1, n, acc_t(0)) : one;
+        if (cfg.kind == LossKind::kCeProb) {
+          // masked class with y > 0: -w (1 - eps) y (p = 0, rule 4); (1 - eps) = 0 -> 0.
+          const V wy = w * load_vec<acc_t, kContig>(r.y + c * r.ys, r.ys, n, acc_t(0));
+          masked_g = cfg.eps == acc_t(1) ? zero : zero - hard * wy;
+          coef_y = (cfg.eps == acc_t(1) ? zero : hard * wy) + smooth * w;
+        } else {
+          coef_y = smooth * w;
+        }
+      }
+      V g = row::grad_of_p(row::softmax_p(z, lse), coef_p, coef_y);
+      if (cfg.softcap) g = g * dzdx;
+      if (cfg.has_mask || cfg.smoothing || cfg.softcap || cfg.kind == LossKind::kCeProb) {
+        g = V::blendv(masked_g, g, allowed);
+      }
+      store_vec<kContig>(r.g + c * r.gs, r.gs, n, g);
+    }
+  }
+  if (index_target) {
+    r.g[t * r.gs] = static_cast<scalar_t>(row::target_grad(k, z_t, dzdx_t, w_t, t_allowed));
+  }
+  return res;
+}
+
+// ----------------------------------------------------------------------------- all rows
+template <typename scalar_t>
+void run_rows(const Config<at::opmath_type<scalar_t>>& cfg, const at::Tensor& logits, const at::Tensor& target,
+              const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& grad,
+              const at::Tensor& loss, const at::Tensor& count) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  static_assert(std::is_same_v<acc_t, at::opmath_type<scalar_t>>);
+  using V = Vectorized<acc_t>;
+  const int64_t N = logits.size(0), C = logits.size(1), D = logits.size(2), R = N * D;
+  if (R == 0) return;
+  const bool prob = cfg.kind == LossKind::kCeProb;
+
+  // pointers                                              strides (elements)
+  const scalar_t* x = logits.const_data_ptr<scalar_t>();   const int64_t xN = logits.stride(0), xC = logits.stride(1), xD = logits.stride(2);
+  const int64_t* tgt = prob ? nullptr : target.const_data_ptr<int64_t>();
+  const int64_t tN = prob ? 0 : target.stride(0), tD = prob ? 0 : target.stride(1);
+  const scalar_t* y = prob ? target.const_data_ptr<scalar_t>() : nullptr;
+  const int64_t yN = prob ? target.stride(0) : 0, yC = prob ? target.stride(1) : 0, yD = prob ? target.stride(2) : 0;
+  const bool* m = mask ? mask->const_data_ptr<bool>() : nullptr;
+  const int64_t mN = mask ? mask->stride(0) : 0, mC = mask ? mask->stride(1) : 0, mD = mask ? mask->stride(2) : 0;
+  scalar_t* g = grad ? grad->data_ptr<scalar_t>() : nullptr;
+  const int64_t gN = grad ? grad->stride(0) : 0, gC = grad ? grad->stride(1) : 0, gD = grad ? grad->stride(2) : 0;
+  acc_t* loss_p = loss.data_ptr<acc_t>();
+  acc_t* count_p = count.data_ptr<acc_t>();
+
+  const bool contig = xC == 1 && (!g || gC == 1) && (!prob || yC == 1);
+  // Pass 1 stores exp into grad (saving pass 2's exp) only on plain rows: no mask, smoothing
+  // or softcap, which pass 2 would need the logits back for (gone when grad aliases them).
+  const bool store_e = g && contig && std::is_same_v<scalar_t, acc_t> && !prob && !cfg.has_mask && !cfg.smoothing &&
+                       !cfg.softcap;
+  const int64_t n_blocks = (C + int64_t(kBlock) * V::size() - 1) / (int64_t(kBlock) * V::size());
+  // ~32k elements per task: big rows get one row per task, small-C rows are batched.
+  const int64_t grain = std::max<int64_t>(1, 32768 / C);
+
+  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> block_max(store_e ? n_blocks : 0);  // once per task, not per row
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / D, d = i % D;
+      Row<scalar_t> row{x + n * xN + d * xD, xC, y ? y + n * yN + d * yD : nullptr, yC,
+                        m ? m + n * mN + d * mD : nullptr, mC, g ? g + n * gN + d * gD : nullptr, gC};
+      const int64_t t = tgt ? tgt[n * tN + d * tD] : -1;
+      const RowResult<acc_t> res = contig ? softmax_row<acc_t, true>(cfg, row, t, store_e, block_max.data())
+                                          : softmax_row<acc_t, false>(cfg, row, t, false, nullptr);
+      loss_p[i] = res.loss;
+      count_p[i] = res.count;
+    }
+  });
+}
+
+template <typename acc_t>
+Config<acc_t> make_config(LossKind kind, const at::Tensor& logits, const std::optional<at::Tensor>& weight,
+                          const std::optional<at::Tensor>& mask, int64_t ignore_index) {
+  Config<acc_t> cfg{};
+  cfg.kind = kind;
+  cfg.C = logits.size(1);
+  cfg.ignore_index = ignore_index;
+  cfg.weight = weight ? weight->const_data_ptr<acc_t>() : nullptr;
+  cfg.has_mask = mask.has_value();
+  return cfg;
+}
+
+}  // namespace
+
+// logits (N, C, D); target (N, D) int64 or (N, C, D) probabilities; weight (C,) acc;
+// mask (N, C, D) bool; grad (N, C, D); loss, count (N, D) acc, contiguous.
+void ce_fwd_kernel(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                   const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& grad, int64_t ignore_index,
+                   double label_smoothing, double z_loss, double softcap, const at::Tensor& loss,
+                   const at::Tensor& count) {
+  const LossKind kind = at::isFloatingType(target.scalar_type()) ? LossKind::kCeProb : LossKind::kCeIndex;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fusedloss_ce_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto cfg = make_config<acc_t>(kind, logits, weight, mask, ignore_index);
+    cfg.eps = static_cast<acc_t>(label_smoothing);
+    cfg.smoothing = label_smoothing > 0;
+    cfg.zl = static_cast<acc_t>(z_loss);
+    cfg.cap = static_cast<acc_t>(softcap);
+    cfg.softcap = softcap > 0;
+    run_rows<scalar_t>(cfg, logits, target, mask, grad, loss, count);
+  });
+}
+
+// logits (N, C, D); target (N, D) int64; alpha (C,) acc; mask, grad, loss, count as ce_fwd.
+void focal_fwd_kernel(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& alpha,
+                      const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& grad,
+                      int64_t ignore_index, double gamma, const at::Tensor& loss, const at::Tensor& count) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fusedloss_focal_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto cfg = make_config<acc_t>(LossKind::kFocal, logits, alpha, mask, ignore_index);
+    cfg.gamma = static_cast<acc_t>(gamma);
+    run_rows<scalar_t>(cfg, logits, target, mask, grad, loss, count);
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace fusedloss
