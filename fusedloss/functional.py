@@ -143,25 +143,38 @@ def _forward(ctx, x, run, reduction, inplace, grad_row_shape, numel=None):
         out, denom = loss.sum() / numel, None
     else:
         out, denom = _reduce(loss, count, reduction)
-    ctx.reduction, ctx.grad_row_shape, ctx.numel, ctx.inplace = reduction, grad_row_shape, numel, inplace
-    ctx.save_for_backward(grad, denom)
+    ctx.reduction, ctx.grad_row_shape, ctx.numel = reduction, grad_row_shape, numel
+    ctx.traced = torch.compiler.is_compiling()
+    if ctx.traced:
+        # A traced graph is functional: the scaling in backward is out of place anyway.
+        ctx.save_for_backward(grad, denom)
+    else:
+        # Eager: the gradient buffer is scaled in place in backward, so forward+backward
+        # holds one N x C buffer, which becomes input.grad. It is kept off the saved-tensor
+        # list so that a second backward through the same graph (retain_graph=True,
+        # gradcheck's reentrancy check) can regenerate the unscaled gradient by running
+        # the kernel again; x is saved so that autograd checks it was not modified since.
+        ctx.save_for_backward(denom, None if inplace else x)
+        ctx.grad, ctx.rerun, ctx.used = grad, (None if inplace else run), False
     return out.to(x.dtype)
 
 
 class _RowLossFn(torch.autograd.Function):
     """Shared backward: the forward kernel already wrote the gradient of each row's loss;
-    backward scales it by grad_output (/ denominator) -- one pass.
+    backward scales it by grad_output (/ denominator) -- one pass, in place (eager).
 
-    With inplace_backward the gradient lives in the input's storage and is scaled in place
-    (no N x C allocation at all); a second backward through the same graph then fails
-    autograd's saved-tensor version check instead of scaling twice. Otherwise the scaling
-    is out of place, so the saved unscaled gradient survives for a second backward
-    (retain_graph=True, torch.autograd.gradcheck's reentrancy check: SPEC section 3)."""
+    With inplace_backward the gradient lives in the input's storage (no N x C allocation
+    at all); a second backward through the same graph then raises, since the logits it
+    would need were overwritten."""
 
     @staticmethod
     def backward(ctx, grad_out):
         create_graph = torch.is_grad_enabled()
-        grad, denom = ctx.saved_tensors
+        if ctx.traced:
+            grad, denom = ctx.saved_tensors
+        else:
+            denom, _ = ctx.saved_tensors  # also checks the saved input is unmodified
+            grad = ctx.grad
         if grad is None:
             return (None,) * 11
         with torch.no_grad():
@@ -169,7 +182,19 @@ class _RowLossFn(torch.autograd.Function):
                 scale = grad_out / ctx.numel
             else:
                 scale = _grad_scale(grad_out, denom, ctx.reduction, ctx.grad_row_shape)
-            scaled = grad.mul_(scale) if ctx.inplace else torch.mul(grad, scale).to(grad.dtype)
+            if ctx.traced:
+                scaled = torch.mul(grad, scale).to(grad.dtype)
+            else:
+                if ctx.used:  # second backward through this graph: the buffer was scaled
+                    if ctx.rerun is None:
+                        raise RuntimeError(
+                            "fusedloss: with inplace_backward=True the gradient can be computed once per "
+                            "forward (it overwrote the logits); run the loss again for a second backward"
+                        )
+                    grad = torch.empty_like(grad)
+                    ctx.rerun(grad)
+                ctx.used = True
+                scaled = grad.mul_(scale)
         if create_graph:  # mark the gradient so that differentiating it again fails clearly
             scaled = _NoDoubleBackward.apply(scaled.detach().requires_grad_())
         return (scaled,) + (None,) * 10

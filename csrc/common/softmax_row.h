@@ -272,7 +272,8 @@ FUSEDLOSS_HD RowCoefs<T> focal_finalize(const RowStats<T>& st, T z_t, T alpha_t,
   const T p = Math<T>::exp(logp);
   const T q = -Math<T>::expm1(logp);
   const T qg = gamma == T(0) ? T(1) : Math<T>::pow(q, gamma);
-  const T ratio = q == T(0) ? T(-1) : logp / q;
+  // p == 0 (masked target, logp = -inf): gamma p r is 0, not 0 * -inf.
+  const T ratio = q == T(0) ? T(-1) : (p == T(0) ? T(0) : logp / q);
   r.loss = alpha_t * qg * -logp;
   const T G = gamma == T(0) ? alpha_t : alpha_t * qg * (T(1) - gamma * p * ratio);
   r.coef_p = G;
