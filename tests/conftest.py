@@ -6,8 +6,10 @@ never outputs of fusedloss. Tolerances are SPEC section 5.
 import os
 
 # The triton backend runs on CPU tensors only in the interpreter; this must be set before
-# anything imports triton (fusedloss imports it).
-os.environ["TRITON_INTERPRET"] = "1"
+# anything imports triton (fusedloss imports it). FUSEDLOSS_TEST_GPU=1 leaves it unset, for
+# tests/test_gpu.py on a GPU machine (the real compiler, CUDA tensors).
+if os.environ.get("FUSEDLOSS_TEST_GPU") != "1":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

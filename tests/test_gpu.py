@@ -3,7 +3,7 @@
 CI has no GPU, so these skip there (the CPU suite runs the same kernels' math: the
 triton kernels under TRITON_INTERPRET=1, the CUDA per-row arithmetic through the
 shared header in the CPU kernels). On a GPU machine run them, without the interpreter:
-    FUSEDLOSS_TEST_GPU=1 python -m pytest tests/test_gpu.py
+    FUSEDLOSS_TEST_GPU=1 python -m pytest -p no:xdist tests/test_gpu.py
 References are PyTorch's own functions evaluated in float64.
 """
 import pytest
@@ -37,7 +37,7 @@ def _assert_close(actual, expected, rtol, atol, what):
 def _ce_ref(x, t, **kw):
     x64 = x.detach().double().requires_grad_()
     loss = F.cross_entropy(x64, t, **kw)
-    loss.backward()
+    loss.sum().backward()
     return loss.detach(), x64.grad
 
 
