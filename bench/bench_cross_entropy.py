@@ -16,7 +16,7 @@ IGNORE_EVERY = 16  # every 16th token is padding (ignore_index), as in LLM batch
 
 def shapes(device_type, quick):
     if quick:
-        return [((256, 1000), torch.float32), ((2, 5, 16, 16), torch.float32)]
+        return [((256, 1000), torch.float32)]
     if device_type == "cuda":
         llm = [((n, c), torch.bfloat16) for n in (4096, 16384) for c in (32000, 128256, 256000)]
         return [((4096, 32000), torch.float32)] + llm

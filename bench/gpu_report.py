@@ -120,7 +120,7 @@ def report_text(rep: dict) -> str:
             if row.get("spill_stores", 0) or row.get("spill_loads", 0):
                 spilling.append(f"  spills: {arch} {row['kernel']}[{row['config']}] "
                                 f"{row.get('spill_stores')} B stored / {row.get('spill_loads')} B loaded")
-        for (kernel, dtype), rows in groups.items():
+        for (kernel, dtype), rows in sorted(groups.items()):
             worst = lambda k: str(max(x.get(k, 0) for x in rows))
             cells.append([arch, kernel, dtype, str(len(rows)), worst("registers"), worst("spill_stores"),
                           worst("spill_loads"), worst("stack"), worst("smem")])

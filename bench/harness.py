@@ -293,8 +293,10 @@ def _free():
         torch.cuda.empty_cache()
 
 
-def run_case(bench: LossBench, shape, dtype, cfg: Config, log=print) -> list:
-    """Rows (dicts) of one shape/dtype: every implementation measured, or why not."""
+def run_case(bench: LossBench, shape, dtype, cfg: Config, log=None) -> list:
+    """Rows (dicts) of one shape/dtype: every implementation measured, or why not. Progress
+    goes to `log` (default: stderr, so stdout holds the tables)."""
+    log = log or progress
     torch.manual_seed(0)
     s = bench.setup(shape, dtype, cfg.device)
     torch._dynamo.reset()  # each case compiles afresh (no shape-generalised recompiles)
@@ -324,6 +326,10 @@ def run_case(bench: LossBench, shape, dtype, cfg: Config, log=print) -> list:
     del s
     _free()
     return rows
+
+
+def progress(line: str):
+    print(line, file=sys.stderr, flush=True)
 
 
 def add_ratios(rows: list):
@@ -586,7 +592,7 @@ def config_from(args) -> Config:
     return cfg
 
 
-def run(benches: list, cfg: Config, out_dir: Path, prelude: Optional[Callable] = None, log=print) -> dict:
+def run(benches: list, cfg: Config, out_dir: Path, prelude: Optional[Callable] = None, log=None) -> dict:
     """Prints the header, runs prelude() (run_all's correctness summary and GPU report: a dict
     stored in the JSON as given), then every bench over its shapes with a table (and targets)
     per loss, and saves JSON and PNG."""

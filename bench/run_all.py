@@ -68,7 +68,7 @@ def correctness(benches, device) -> list:
                 try:
                     row.update(extra(device, backend))
                 except Exception as e:
-                    row.update(check="extra", error=f"{type(e).__name__}: {harness._first_line(e)}", ok=False)
+                    row.update(check=extra.__name__, error=f"{type(e).__name__}: {harness._first_line(e)}", ok=False)
                 rows.append(row)
     return rows
 
