@@ -170,17 +170,6 @@ def _median_ms(times):
     return {"median_ms": statistics.median(times), "min_ms": min(times), "n": len(times)}
 
 
-def time_cpu(step: Callable, cfg: Config) -> dict:
-    for _ in range(cfg.warmup):
-        step()
-    times, deadline = [], time.perf_counter() + cfg.budget_s
-    while len(times) < cfg.min_reps or (len(times) < cfg.max_reps and time.perf_counter() < deadline):
-        t0 = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return _median_ms(times)
-
-
 def time_cuda(step: Callable, cfg: Config, grad_to_none=None) -> dict:
     try:
         from triton.testing import do_bench
@@ -267,13 +256,16 @@ def cuda_peak_bytes(step: Callable) -> int:
 
 
 # ----------------------------------------------------------------------------- one case
-def measure(fn: Callable, x0: torch.Tensor, cfg: Config) -> dict:
-    """fwd and fwd+bwd medians and the fwd+bwd peak of fn on copies of x0 (peers such as
-    Liger write the gradient into their input, so every implementation gets its own copy)."""
-    cuda = cfg.device.type == "cuda"
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {_first_line(e)}"
+
+
+def measure_cuda(fn: Callable, x0: torch.Tensor, cfg: Config) -> dict:
+    """fwd and fwd+bwd medians (do_bench) and the fwd+bwd peak of fn, on its own copies of x0
+    (peers such as Liger write the gradient into their input)."""
     out = {}
     x = x0.detach().clone()
-    out["fwd"] = time_cuda(lambda: fn(x), cfg) if cuda else time_cpu(lambda: fn(x), cfg)
+    out["fwd"] = time_cuda(lambda: fn(x), cfg)
     del x  # at 16384 x 256000 every copy counts
     xg = x0.detach().clone().requires_grad_(True)
 
@@ -281,9 +273,71 @@ def measure(fn: Callable, x0: torch.Tensor, cfg: Config) -> dict:
         xg.grad = None
         fn(xg).backward()
 
-    out["fwdbwd"] = time_cuda(fwdbwd, cfg, grad_to_none=[xg]) if cuda else time_cpu(fwdbwd, cfg)
+    out["fwdbwd"] = time_cuda(fwdbwd, cfg, grad_to_none=[xg])
     xg.grad = None
-    out["peak_bytes"] = cuda_peak_bytes(fwdbwd) if cuda else cpu_peak_bytes(fwdbwd)
+    out["peak_bytes"] = cuda_peak_bytes(fwdbwd)
+    return out
+
+
+class _Contender:
+    """One implementation during a CPU case: its own copies of the input and its timings."""
+
+    def __init__(self, impl: Impl, x0: torch.Tensor):
+        self.impl, self.error = impl, None
+        self.x = x0.detach().clone()
+        self.xg = x0.detach().clone().requires_grad_(True)
+        self.times = {"fwd": [], "fwdbwd": []}
+
+    def fwd(self):
+        self.impl.fn(self.x)
+
+    def fwdbwd(self):
+        self.xg.grad = None
+        self.impl.fn(self.xg).backward()
+
+    def call(self, mode: str, timed: bool = True):
+        if self.error is not None:
+            return
+        try:
+            t0 = time.perf_counter()
+            getattr(self, mode)()
+            if timed:
+                self.times[mode].append((time.perf_counter() - t0) * 1e3)
+        except Exception as e:  # a failing implementation is a row, not a crash
+            self.error = _error(e)
+
+
+def measure_cpu(impls: list, x0: torch.Tensor, cfg: Config, log) -> dict:
+    """{impl name: measures or {"error": why}}. After cfg.warmup untimed calls of each
+    (torch.compile compiles there), the implementations take turns, one call each per round,
+    so that load from other processes, bursty on a small shared machine, falls on all of them
+    alike. Rounds go on until cfg.min_reps and the time budget are both reached. Then each
+    one's peak, in a separate untimed call."""
+    contenders = [_Contender(impl, x0) for impl in impls]
+    for c in contenders:
+        t0 = time.perf_counter()
+        for _ in range(cfg.warmup):
+            c.call("fwd", timed=False)
+            c.call("fwdbwd", timed=False)
+        log(f"    warm-up {c.impl.name}: {'error' if c.error else 'done'} in {time.perf_counter() - t0:.1f}s")
+    for mode in ("fwd", "fwdbwd"):
+        rounds, deadline = 0, time.perf_counter() + cfg.budget_s * len(contenders)
+        while rounds < cfg.min_reps or (rounds < cfg.max_reps and time.perf_counter() < deadline):
+            for c in contenders:
+                c.call(mode)
+            rounds += 1
+    out = {}
+    for c in contenders:
+        if c.error is None:
+            c.xg.grad = None
+            try:
+                peak = cpu_peak_bytes(c.fwdbwd)
+                out[c.impl.name] = {"fwd": _median_ms(c.times["fwd"]), "fwdbwd": _median_ms(c.times["fwdbwd"]),
+                                    "peak_bytes": peak}
+            except Exception as e:
+                c.error = _error(e)
+        if c.error is not None:
+            out[c.impl.name] = {"error": c.error}
     return out
 
 
@@ -301,29 +355,39 @@ def run_case(bench: LossBench, shape, dtype, cfg: Config, log=None) -> list:
     s = bench.setup(shape, dtype, cfg.device)
     torch._dynamo.reset()  # each case compiles afresh (no shape-generalised recompiles)
     base = {"loss": bench.name, "case": shape_label(shape), "shape": list(shape), "dtype": dtype_name(dtype)}
+    impls = build_impls(s, cfg.device, cfg)
+    runnable = [impl for impl in impls if impl.skip is None]
+    t0 = time.perf_counter()
+    log(f"  {bench.name} {base['case']} {base['dtype']}: {', '.join(i.name for i in runnable)}")
+    if cfg.device.type == "cuda":
+        results = {}
+        for impl in runnable:
+            try:
+                results[impl.name] = measure_cuda(impl.fn, s.x, cfg)
+            except Exception as e:  # OOM at the largest shapes, an unsupported dtype: a row, not a crash
+                results[impl.name] = {"error": _error(e)}
+            _free()
+    else:
+        results = measure_cpu(runnable, s.x, cfg, log)
+    log(f"    measured in {time.perf_counter() - t0:.1f}s")
     rows = []
-    for impl in build_impls(s, cfg.device, cfg):
+    for impl in impls:
         row = dict(base, impl=impl.name, kind=impl.kind)
+        r = results.get(impl.name)
         if impl.skip is not None:
             row["skip"] = impl.skip
+        elif "error" in r:
+            row["error"] = r["error"]
         else:
-            t0 = time.perf_counter()
-            try:
-                r = measure(impl.fn, s.x, cfg)
-                row.update(
-                    fwd_ms=r["fwd"]["median_ms"], fwdbwd_ms=r["fwdbwd"]["median_ms"], peak_bytes=r["peak_bytes"],
-                    fwd_stats=r["fwd"], fwdbwd_stats=r["fwdbwd"],
-                    fwd_gbps=s.bytes_fwd / r["fwd"]["median_ms"] / 1e6,
-                    fwdbwd_gbps=s.bytes_fwdbwd / r["fwdbwd"]["median_ms"] / 1e6,
-                )
-            except Exception as e:  # a failing implementation (OOM, unsupported dtype) is a row, not a crash
-                row["error"] = f"{type(e).__name__}: {_first_line(e)}"
-            log(f"  {bench.name:<18} {base['case']:<16} {base['dtype']:<5} {impl.name:<32} "
-                f"{'error' if 'error' in row else 'done'} in {time.perf_counter() - t0:.1f}s")
+            row.update(
+                fwd_ms=r["fwd"]["median_ms"], fwdbwd_ms=r["fwdbwd"]["median_ms"], peak_bytes=r["peak_bytes"],
+                fwd_stats=r["fwd"], fwdbwd_stats=r["fwdbwd"],
+                fwd_gbps=s.bytes_fwd / r["fwd"]["median_ms"] / 1e6,
+                fwdbwd_gbps=s.bytes_fwdbwd / r["fwdbwd"]["median_ms"] / 1e6,
+            )
         rows.append(row)
-        _free()
     add_ratios(rows)
-    del s
+    del s, results
     _free()
     return rows
 
@@ -439,8 +503,8 @@ def header(env: dict, cfg: Config) -> str:
         lines.append(f"  timing   : triton do_bench median (warmup {cfg.warmup_ms} ms, rep {cfg.rep_ms} ms); "
                      "peak: torch.cuda.max_memory_allocated - allocated before")
     else:
-        lines.append(f"  timing   : perf_counter median of >= {cfg.min_reps} calls after {cfg.warmup} warm-up; "
-                     "peak: torch.profiler allocator events, replayed")
+        lines.append(f"  timing   : perf_counter median of >= {cfg.min_reps} calls after {cfg.warmup} warm-up, "
+                     "implementations taking turns; peak: torch.profiler allocator events, replayed")
     load = env.get("load_average")
     if cfg.device.type == "cpu" and load is not None and load > 0.5 * (os.cpu_count() or 1):
         lines.append(f"  WARNING  : load average {load:.1f} on {os.cpu_count()} cores before the run: "
