@@ -25,7 +25,8 @@ def setup(shape, dtype, device):
     elementwise = x.numel() * x.element_size()
     return harness.Setup(
         x=x,
-        fused=lambda x, backend: fusedloss.binary_cross_entropy_with_logits(x, y, pos_weight=pos_weight, backend=backend),
+        fused=lambda x, backend: fusedloss.binary_cross_entropy_with_logits(
+            x, y, pos_weight=pos_weight, backend=backend),
         eager=lambda x: F.binary_cross_entropy_with_logits(x, y.to(x.dtype), pos_weight=pos_weight.to(x.dtype)),
         bytes_fwd=2 * elementwise,  # input and target read
         bytes_fwdbwd=3 * elementwise,  # ... and the gradient written

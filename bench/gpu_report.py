@@ -101,7 +101,7 @@ def report(archs=ARCHS, everything: bool = False) -> dict:
         try:
             out[f"sm_{arch}"] = {"rows": compile_arch(int(arch), everything)}
         except Exception as e:  # no Triton kernels here, no ptxas, or a kernel that fails to compile
-            out[f"sm_{arch}"] = {"error": f"{type(e).__name__}: {harness._first_line(e)}"}
+            out[f"sm_{arch}"] = {"error": harness.error_text(e)}
     return out
 
 

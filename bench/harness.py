@@ -12,9 +12,10 @@ What is measured, for every implementation, on the same inputs, in one process:
            before it (the input's gradient included), in a separate untimed run.
 CUDA: triton.testing.do_bench (CUDA events, L2 flushed between calls), median;
       torch.cuda.max_memory_allocated after reset_peak_memory_stats.
-CPU:  time.perf_counter around each call, median of repeats after warm-up, with
-      torch.set_num_threads as configured; peak from the allocator events that
-      torch.profiler records (see cpu_peak_bytes), checked on known allocations.
+CPU:  time.perf_counter around each call, median of repeats after warm-up, the
+      implementations taking turns call by call, torch.set_num_threads as configured;
+      peak from the allocator events that torch.profiler records (see cpu_peak_bytes),
+      checked on known allocations.
 """
 import argparse
 import contextlib
@@ -136,15 +137,19 @@ def peer(name: str, device: torch.device, load: Callable, gpu_only: bool = True)
     except ImportError as e:
         return Impl(name, "peer", skip=f"not installed ({e})")
     except Exception as e:  # some peers raise other errors at import without a GPU
-        return Impl(name, "peer", skip=f"import failed ({type(e).__name__}: {_first_line(e)})")
+        return Impl(name, "peer", skip=f"import failed ({error_text(e)})")
     if gpu_only and device.type != "cuda":
         return Impl(name, "peer", skip="Triton GPU kernels: needs a CUDA device")
     return Impl(name, "peer", fn=fn)
 
 
-def _first_line(e) -> str:
+def first_line(e) -> str:
     text = str(e).strip().splitlines()
     return text[0][:160] if text else "(no message)"
+
+
+def error_text(e: Exception) -> str:
+    return f"{type(e).__name__}: {first_line(e)}"
 
 
 def build_impls(s: Setup, device: torch.device, cfg: Config) -> list:
@@ -256,10 +261,6 @@ def cuda_peak_bytes(step: Callable) -> int:
 
 
 # ----------------------------------------------------------------------------- one case
-def _error(e: Exception) -> str:
-    return f"{type(e).__name__}: {_first_line(e)}"
-
-
 def measure_cuda(fn: Callable, x0: torch.Tensor, cfg: Config) -> dict:
     """fwd and fwd+bwd medians (do_bench) and the fwd+bwd peak of fn, on its own copies of x0
     (peers such as Liger write the gradient into their input)."""
@@ -304,7 +305,7 @@ class _Contender:
             if timed:
                 self.times[mode].append((time.perf_counter() - t0) * 1e3)
         except Exception as e:  # a failing implementation is a row, not a crash
-            self.error = _error(e)
+            self.error = error_text(e)
 
 
 def measure_cpu(impls: list, x0: torch.Tensor, cfg: Config, log) -> dict:
@@ -335,7 +336,7 @@ def measure_cpu(impls: list, x0: torch.Tensor, cfg: Config, log) -> dict:
                 out[c.impl.name] = {"fwd": _median_ms(c.times["fwd"]), "fwdbwd": _median_ms(c.times["fwdbwd"]),
                                     "peak_bytes": peak}
             except Exception as e:
-                c.error = _error(e)
+                c.error = error_text(e)
         if c.error is not None:
             out[c.impl.name] = {"error": c.error}
     return out
@@ -365,7 +366,7 @@ def run_case(bench: LossBench, shape, dtype, cfg: Config, log=None) -> list:
             try:
                 results[impl.name] = measure_cuda(impl.fn, s.x, cfg)
             except Exception as e:  # OOM at the largest shapes, an unsupported dtype: a row, not a crash
-                results[impl.name] = {"error": _error(e)}
+                results[impl.name] = {"error": error_text(e)}
             _free()
     else:
         results = measure_cpu(runnable, s.x, cfg, log)
@@ -493,7 +494,7 @@ def header(env: dict, cfg: Config) -> str:
     lines = [
         f"fusedloss benchmark  {env['date']}",
         f"  device   : {env['device']}: {env['device_name']}, {env['threads']} threads",
-        f"  backend  : {backend}" + (f"; also {', '.join(env['fast_backends'][1:])}" if len(env["fast_backends"]) > 1 else ""),
+        f"  backend  : {backend}" + "".join(f"; also {b}" for b in env["fast_backends"][1:]),
     ]
     for b, why in env["missing_backends"].items():
         lines.append(f"             {b} not available: {why}")
@@ -525,7 +526,7 @@ def format_table(columns, rows) -> str:
     return "\n".join(out)
 
 
-def _num(v, spec):
+def num(v, spec) -> str:
     return "-" if v is None else format(v, spec)
 
 
@@ -547,9 +548,9 @@ def loss_table(rows: list) -> str:
             continue
         v = r.get("vs_fused", {})
         cells.append(lead + [
-            r["impl"], _num(r["fwd_ms"], ".3f"), _num(r["fwdbwd_ms"], ".3f"), _num(r["peak_bytes"] / MB, ".1f"),
-            _num(r["fwd_gbps"], ".1f"), _num(r["fwdbwd_gbps"], ".1f"),
-            _num(v.get("fwd"), ".2f"), _num(v.get("fwdbwd"), ".2f"), _num(v.get("mem"), ".2f"),
+            r["impl"], num(r["fwd_ms"], ".3f"), num(r["fwdbwd_ms"], ".3f"), num(r["peak_bytes"] / MB, ".1f"),
+            num(r["fwd_gbps"], ".1f"), num(r["fwdbwd_gbps"], ".1f"),
+            num(v.get("fwd"), ".2f"), num(v.get("fwdbwd"), ".2f"), num(v.get("mem"), ".2f"),
         ])
     text = format_table(columns, cells)
     for (impl, why), cases in skipped.items():
@@ -585,7 +586,7 @@ def save(results: dict, out_dir: Path, stem: str) -> dict:
     try:
         plot(results, paths["png"])
     except Exception as e:  # matplotlib missing: the JSON is the result, the plot a convenience
-        print(f"plot skipped: {type(e).__name__}: {_first_line(e)}")
+        print(f"plot skipped: {error_text(e)}")
         paths.pop("png")
     return paths
 

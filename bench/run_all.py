@@ -61,14 +61,14 @@ def correctness(benches, device) -> list:
                 try:
                     row.update(check_backend(bench, backend, dtype, device))
                 except Exception as e:
-                    row.update(error=f"{type(e).__name__}: {harness._first_line(e)}", ok=False)
+                    row.update(error=harness.error_text(e), ok=False)
                 rows.append(row)
             for extra in bench.extra_checks:
                 row = dict(base)
                 try:
                     row.update(extra(device, backend))
                 except Exception as e:
-                    row.update(check=extra.__name__, error=f"{type(e).__name__}: {harness._first_line(e)}", ok=False)
+                    row.update(check=extra.__name__, error=harness.error_text(e), ok=False)
                 rows.append(row)
     return rows
 
@@ -86,8 +86,8 @@ def correctness_table(rows) -> str:
             detail = r["detail"]
         else:
             detail = f"tol {r['tolerance']}"
-        cells.append([r["loss"], r["backend"], r["check"], harness._num(r.get("loss_err"), ".2e"),
-                      harness._num(r.get("grad_err"), ".2e"), verdict, detail])
+        cells.append([r["loss"], r["backend"], r["check"], harness.num(r.get("loss_err"), ".2e"),
+                      harness.num(r.get("grad_err"), ".2e"), verdict, detail])
     text = harness.format_table([("loss", "<"), ("backend", "<"), ("case", "<"), ("loss err", ">"),
                                  ("grad err", ">"), ("result", "<"), ("detail", "<")], cells)
     for backend, why in skipped.items():
