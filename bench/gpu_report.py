@@ -14,6 +14,7 @@ defensively (records or dicts, or the ptxas -v text) in case the report's shape 
 import argparse
 import concurrent.futures
 import json
+import multiprocessing
 import os
 import re
 
@@ -88,7 +89,10 @@ def compile_arch(arch: int, everything: bool = False, workers: int = None) -> li
     configs = aot.launch_configs()
     picked = [i for i, c in enumerate(configs) if everything or in_bench_scope(getattr(c, "tag", ""))]
     rows = []
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+    # spawn, not fork: the parent may hold a CUDA context (run_all on a GPU), which a forked
+    # child must not inherit
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers or os.cpu_count(), mp_context=spawn) as pool:
         for part in pool.map(_compile_one, [arch] * len(picked), picked):
             rows += part
     return rows
