@@ -48,6 +48,10 @@ TORCH_LIBRARY(fusedloss, m) {
   //   weight, pos_weight (M, L) acc, any strides (broadcast: 0 strides), or None;
   //   grad (M, L) input's dtype or None.
   // returns loss (M, L) acc when reduce is false, else (M,) acc: the sum of each row.
+  // A contiguous, uninitialized tensor like `like` for a kernel's gradient output. On the
+  // CPU it comes from a small cache of freed blocks (csrc/cpu/grad_pool.cpp); elsewhere it
+  // is empty_like.
+  m.def("empty_grad(Tensor like) -> Tensor");
   m.def(
       "binary_fwd(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, Tensor(a!)? grad, "
       "float gamma, float alpha, bool reduce) -> Tensor");

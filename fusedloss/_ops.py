@@ -29,7 +29,19 @@ def binary_fwd_fake(input, target, weight, pos_weight, grad, gamma, alpha, reduc
     return input.new_empty((m,) if reduce else (m, l), dtype=acc_dtype(input.dtype))
 
 
-FAKES = {"ce_fwd": ce_fwd_fake, "focal_fwd": focal_fwd_fake, "binary_fwd": binary_fwd_fake}
+def empty_grad_fake(like):
+    return torch.empty_like(like, memory_format=torch.contiguous_format)
+
+
+FAKES = {"ce_fwd": ce_fwd_fake, "focal_fwd": focal_fwd_fake, "binary_fwd": binary_fwd_fake, "empty_grad": empty_grad_fake}
+
+def empty_grad(like):
+    """Uninitialized gradient buffer like `like` (contiguous): from the extension's cache
+    of freed blocks on the CPU (csrc/cpu/grad_pool.cpp), torch.empty_like elsewhere."""
+    if like.device.type == "cpu" and _ext.has_kernel("empty_grad", "CPU") and not torch.compiler.is_compiling():
+        return torch.ops.fusedloss.empty_grad(like)
+    return torch.empty_like(like)
+
 
 if _ext._C is not None:
     for _name, _fake in FAKES.items():

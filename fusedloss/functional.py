@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction
 
-from fusedloss import _backend
+from fusedloss import _backend, _ops
 from fusedloss._ops import acc_dtype
 
 __all__ = ["cross_entropy", "binary_cross_entropy_with_logits", "sigmoid_focal_loss", "focal_loss"]
@@ -137,7 +137,7 @@ def _forward(ctx, x, run, reduction, inplace, grad_row_shape, numel=None):
     count or None) and, when grad is given, writes d(row loss)/dx into it."""
     grad = None
     if ctx.needs_input_grad[0]:
-        grad = x if inplace else torch.empty_like(x)
+        grad = x if inplace else _ops.empty_grad(x)
     loss, count = run(grad)
     if numel is not None and reduction == "mean":  # elementwise losses: "mean" is sum / numel
         out, denom = loss.sum() / numel, None
@@ -191,7 +191,7 @@ class _RowLossFn(torch.autograd.Function):
                             "fusedloss: with inplace_backward=True the gradient can be computed once per "
                             "forward (it overwrote the logits); run the loss again for a second backward"
                         )
-                    grad = torch.empty_like(grad)
+                    grad = _ops.empty_grad(grad)
                     ctx.rerun(grad)
                 ctx.used = True
                 scaled = grad.mul_(scale)
