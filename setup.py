@@ -111,15 +111,19 @@ def extension():
         cxx.append("-fopenmp")
         link.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, "csrc")]
+    macros = [] if "AVX2" in CAPABILITY_FLAGS or not X86 else [("FUSEDLOSS_CPU_DEFAULT_ONLY", "1")]
     if with_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         nvcc = ["-O3", "-std=c++17", "-lineinfo"]
         return CUDAExtension(
             "fusedloss._C", sources, include_dirs=include_dirs,
-            define_macros=[("FUSEDLOSS_WITH_CUDA", "1")],
+            define_macros=[("FUSEDLOSS_WITH_CUDA", "1")] + macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link,
         )
-    return CppExtension("fusedloss._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}, extra_link_args=link)
+    return CppExtension(
+        "fusedloss._C", sources, include_dirs=include_dirs, define_macros=macros,
+        extra_compile_args={"cxx": cxx}, extra_link_args=link,
+    )
 
 
 setup(

@@ -16,7 +16,7 @@ enum class CpuCapability { DEFAULT, AVX2, AVX512 };
 inline CpuCapability cpu_capability() {
   // at::get_cpu_capability() honours ATEN_CPU_CAPABILITY, so tests can force DEFAULT.
   static const CpuCapability cap = [] {
-#if defined(__x86_64__) || defined(_M_X64)
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(FUSEDLOSS_CPU_DEFAULT_ONLY)
     const std::string s = at::get_cpu_capability();
     if (s == "AVX512") return CpuCapability::AVX512;
     if (s == "AVX2") return CpuCapability::AVX2;
@@ -28,7 +28,7 @@ inline CpuCapability cpu_capability() {
 
 }  // namespace fusedloss
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(FUSEDLOSS_CPU_DEFAULT_ONLY)
 #define FUSEDLOSS_DECLARE_CPU_KERNEL(ret, name, ...)   \
   namespace fusedloss {                                 \
   namespace DEFAULT { ret name(__VA_ARGS__); }          \

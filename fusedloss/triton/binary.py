@@ -141,6 +141,7 @@ def binary_fwd(input, target, weight, pos_weight, grad, gamma, alpha, reduce):
     m, l = input.shape
     acc = acc_dtype(input.dtype)
     block_m, block_l, num_warps, tiles = binary_config(l, input.dtype)
+    tiles = min(tiles, triton.cdiv(l, block_l))  # short rows: no fully masked tiles
     tiles = max(tiles, triton.cdiv(l, block_l * 65535))  # grid dim 1 holds at most 65535
     parts = max(triton.cdiv(l, block_l * tiles), 1)
     if reduce:
