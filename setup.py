@@ -16,6 +16,7 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 ROOT = os.path.dirname(os.path.abspath(__file__))
 GEN = os.path.join("build", "fusedloss_gen")
 
+OPENMP = torch.backends.openmp.is_available() and platform.system() == "Linux"
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 CAPABILITY_FLAGS = {"DEFAULT": []}
 if X86:
@@ -76,6 +77,12 @@ def with_cuda():
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp")) + capability_sources()
     cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    # at::parallel_for is an inline template whose OpenMP pragma is compiled in *our* files:
+    # without -fopenmp it silently runs on one thread (torch's own build uses OpenMP on Linux).
+    link = []
+    if OPENMP:
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
@@ -83,9 +90,9 @@ def extension():
         return CUDAExtension(
             "fusedloss._C", sources, include_dirs=include_dirs,
             define_macros=[("FUSEDLOSS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link,
         )
-    return CppExtension("fusedloss._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+    return CppExtension("fusedloss._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
 setup(
