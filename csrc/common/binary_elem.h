@@ -23,6 +23,29 @@
 namespace fusedloss {
 namespace binary {
 
+// log1p(e) for e in [0, 1], in float arithmetic: e * P(e), with P the degree-9 Chebyshev
+// interpolant of log1p(e) / e on [0, 1] in monomial form (interpolation error 5e-9; measured
+// float32 error at most 1.4 ulp over [0, 1], vs 1 ulp for Sleef's log1pf). The argument is
+// always exp(-|x|), so no range reduction or special case is needed, which makes this about
+// 4x cheaper than a general log1p, the largest cost of the CPU kernel. Only the loss goes
+// through it (the gradient uses the sigmoids), and the loss tolerance is 1e-5 relative.
+// Relative accuracy holds down to e -> 0 (P(0) = 1), where log1p(e) ~ e is the whole loss of
+// a well-classified element.
+template <typename T, typename M>
+FUSEDLOSS_HD T log1p_unit_f32(const T& e) {
+  T p(-3.176057053e-03f);
+  p = M::fma(p, e, T(1.954252744e-02f));
+  p = M::fma(p, e, T(-5.637361321e-02f));
+  p = M::fma(p, e, T(1.054362384e-01f));
+  p = M::fma(p, e, T(-1.526966710e-01f));
+  p = M::fma(p, e, T(1.966327427e-01f));
+  p = M::fma(p, e, T(-2.495161627e-01f));
+  p = M::fma(p, e, T(3.332971050e-01f));
+  p = M::fma(p, e, T(-4.999989265e-01f));
+  p = M::fma(p, e, T(9.999999947e-01f));
+  return p * e;
+}
+
 // Math adapter: specialized for float and double here, for at::vec::Vectorized in the CPU
 // kernel. `Mask` is what a comparison returns (bool for scalars, a bit mask for vectors).
 template <typename T>
@@ -32,7 +55,9 @@ template <>
 struct ElemMath<float> {
   using Mask = bool;
   static FUSEDLOSS_HD float exp(float v) { return ::expf(v); }
-  static FUSEDLOSS_HD float log1p(float v) { return ::log1pf(v); }
+  static FUSEDLOSS_HD float fma(float a, float b, float c) { return ::fmaf(a, b, c); }
+  // log1p(v) for v in [0, 1]
+  static FUSEDLOSS_HD float log1p_unit(float v) { return log1p_unit_f32<float, ElemMath<float>>(v); }
   static FUSEDLOSS_HD float pow(float b, float e) { return ::powf(b, e); }
   static FUSEDLOSS_HD float abs(float v) { return ::fabsf(v); }
   // NaN in `a` propagates (fmaxf would drop it).
@@ -47,7 +72,7 @@ template <>
 struct ElemMath<double> {
   using Mask = bool;
   static FUSEDLOSS_HD double exp(double v) { return ::exp(v); }
-  static FUSEDLOSS_HD double log1p(double v) { return ::log1p(v); }
+  static FUSEDLOSS_HD double log1p_unit(double v) { return ::log1p(v); }
   static FUSEDLOSS_HD double pow(double b, double e) { return ::pow(b, e); }
   static FUSEDLOSS_HD double abs(double v) { return ::fabs(v); }
   static FUSEDLOSS_HD double max0(double a) { return a < 0.0 ? 0.0 : a; }
@@ -118,7 +143,7 @@ template <int kGamma, bool kGrad, typename T, typename M = ElemMath<T>>
 FUSEDLOSS_HD T binary_elem(T x, T y, T w, T pw, const BinaryParams<T>& p, T* grad) {
   const T zero(0), one(1);
   const T e = M::exp(-M::abs(x));
-  const T log1p_e = M::log1p(e);
+  const T log1p_e = M::log1p_unit(e);
   const T sig_abs = one / (one + e);  // sigmoid(|x|)
   const T sig_nabs = e * sig_abs;     // sigmoid(-|x|)
   const auto x_nonneg = M::is_nonneg(x);

@@ -4,8 +4,9 @@
 // Compiled once per CPU capability (setup.py), everything inside
 // namespace fusedloss::CPU_CAPABILITY; csrc/cpu/binary_ops.cpp picks the build at run time.
 // The per-element math is csrc/common/binary_elem.h, run here on at::vec::Vectorized with
-// Sleef's 1-ulp exp/log1p/pow (the u20 approximations would miss the 1e-6 float32 gradient
-// tolerance), so the CUDA kernel computes exactly these formulas too.
+// Sleef's 1-ulp exp and pow (the u20 approximations would miss the 1e-6 float32 gradient
+// tolerance) and, for float, binary_elem.h's 1.4-ulp log1p on [0, 1] (Sleef's general log1pf
+// cost 40% of the kernel), so the CUDA kernel computes exactly these formulas too.
 //
 // Memory traffic: input and target are read once, the gradient written once, and either the
 // per-element loss or one sum per row; weight and pos_weight are read through their (often
@@ -31,7 +32,15 @@ struct ElemMath<at::vec::Vectorized<S>> {
   using T = at::vec::Vectorized<S>;
   using Mask = T;  // comparisons give all-ones / all-zeros lanes
   static T exp(const T& v) { return v.exp(); }        // Sleef u10
-  static T log1p(const T& v) { return v.log1p(); }    // Sleef u10
+  static T fma(const T& a, const T& b, const T& c) { return at::vec::fmadd(a, b, c); }
+  // log1p(v) for v in [0, 1]: the shared polynomial for float (binary_elem.h), Sleef u10 for double
+  static T log1p_unit(const T& v) {
+    if constexpr (std::is_same<S, float>::value) {
+      return log1p_unit_f32<T, ElemMath>(v);
+    } else {
+      return v.log1p();
+    }
+  }
   static T pow(const T& b, const T& e) { return b.pow(e); }
   static T abs(const T& v) { return v.abs(); }
   static T max0(const T& v) { return at::vec::maximum(v, T(S(0))); }  // propagates NaN
