@@ -85,7 +85,7 @@ def _row_kernel_configs():
     flags = itertools.product((False, True), repeat=3)  # weight/alpha, mask, grad
     for (dtype, dt), layout, (has_w, has_m, grad) in itertools.product(DTYPES.items(), LAYOUTS, flags):
         acc = _acc(dtype)
-        for limit, block_c, num_warps in _launch.ROW_TIERS[dtype.itemsize]:
+        for limit, block_c, num_warps in _launch.ROW_TIERS[dtype]:
             meta = {"WRITE_GRAD": _const(grad), "BLOCK_C": _const(block_c)}
             common_ptrs = {
                 "mask_ptr": "*i1" if has_m else _const(None),
@@ -249,6 +249,39 @@ def format_table(reports) -> str:
     return "\n".join(rows)
 
 
+# The configs most likely to spill: each kernel x dtype at its largest tile with every
+# optional operand and the gradient on (the most live registers), the dense (K-dim) layout
+# in float32, and the elementwise kernel at its widest and narrowest tiles.
+_ALL_ON = ("w=1,mask=1,grad=1", "w=1,pw=1,grad=1,reduce=1,focal=1")
+
+
+def spill_prone_configs():
+    picked = []
+    for c in launch_configs():
+        if not c.tag.endswith(_ALL_ON):
+            continue
+        if c.kernel.__name__ == "_binary_fwd_kernel":
+            keep = c.constexprs["BLOCK_M"] == 1 or c.constexprs["BLOCK_L"] == 1
+        else:
+            dtype = next(d for d, name in DTYPES.items() if name in c.tag)
+            largest = max(block for _, block, _ in _launch.ROW_TIERS[dtype])
+            keep = c.constexprs["BLOCK_C"] == largest and ("rows" in c.tag or "fp32" in c.tag)
+        if keep:
+            picked.append(c)
+    return picked
+
+
 if __name__ == "__main__":
-    arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
-    print(format_table(compile_all(arch)))
+    # python -m fusedloss.triton.aot [ARCH] [--spill-prone]; exit status 1 when ptxas spills.
+    # Must run without TRITON_INTERPRET=1 (interpreted kernels cannot be compiled).
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("arch", type=int, nargs="?", default=90)
+    parser.add_argument("--spill-prone", action="store_true", help="only the configs most likely to spill")
+    args = parser.parse_args()
+    reports = compile_all(args.arch, spill_prone_configs() if args.spill_prone else None)
+    print(format_table(reports))
+    spilled = [r.name for r in reports if r.spill_stores or r.spill_loads]
+    print(f"{len(reports)} configs compiled for sm_{args.arch}; {len(spilled)} spill")
+    sys.exit(1 if spilled else 0)
