@@ -96,13 +96,17 @@ def _class_mask(mask, input):
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool Tensor (True = class allowed), got {getattr(mask, 'dtype', type(mask).__name__)}")
     _check_device("mask", mask, input)
+    _check_broadcastable("mask", mask, input)
+    return _rows3(mask.expand(input.shape))
+
+
+def _check_broadcastable(name, t, input):
     try:
-        shape = torch.broadcast_shapes(mask.shape, input.shape)
+        shape = torch.broadcast_shapes(t.shape, input.shape)
     except RuntimeError:
         shape = None
     if shape != input.shape:
-        raise ValueError(f"mask of shape {tuple(mask.shape)} is not broadcastable to the input's shape {tuple(input.shape)}")
-    return _rows3(mask.expand(input.shape))
+        raise ValueError(f"{name} of shape {tuple(t.shape)} is not broadcastable to the input's shape {tuple(input.shape)}")
 
 
 def _backend_for(backend, input):
@@ -352,12 +356,7 @@ def _elementwise_operand(name, t, input):
         t = torch.as_tensor(t, dtype=acc_dtype(input.dtype), device=input.device)
     _check_float(name, t)
     _check_device(name, t, input)
-    try:
-        shape = torch.broadcast_shapes(t.shape, input.shape)
-    except RuntimeError:
-        shape = None
-    if shape != input.shape:
-        raise ValueError(f"{name} of shape {tuple(t.shape)} is not broadcastable to the input's shape {tuple(input.shape)}")
+    _check_broadcastable(name, t, input)
     return _rows2(t.detach().to(acc_dtype(input.dtype)).expand(input.shape))
 
 
