@@ -9,11 +9,11 @@ denominator) and, when the input requires grad, writes d(row loss)/d(input) in t
 pass. The reduction and its denominator are computed here on tensors, so nothing syncs,
 and backward is one in-place scaling of that gradient by grad_output (/ denominator).
 """
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.nn import _reduction
 
 from fusedloss import _backend, _ops
 from fusedloss._ops import acc_dtype
@@ -44,10 +44,26 @@ def _check_device(name, t, ref):
 
 
 def _reduction_of(size_average, reduce, reduction):
+    """The deprecated size_average / reduce pair, as torch.nn._reduction.legacy_get_string
+    maps it (written out: the torch helper is not traceable by torch.compile)."""
     if size_average is not None or reduce is not None:
-        return _reduction.legacy_get_string(size_average, reduce)
+        if not torch.compiler.is_compiling():
+            warnings.warn("size_average and reduce args will be deprecated, please use reduction='sum' instead.")
+        size_average = True if size_average is None else size_average
+        reduce = True if reduce is None else reduce
+        return "none" if not reduce else "mean" if size_average else "sum"
     _check_reduction(reduction)
     return reduction
+
+
+def _no_grad_needed(name, t):
+    """Gradients flow to the input only; a target or weight that requires grad would get
+    none silently, so it is refused (PyTorch does differentiate soft targets)."""
+    if isinstance(t, Tensor) and t.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"fusedloss: the gradient with respect to {name} is not implemented (only the input's); "
+            f"pass {name}.detach() if no gradient is wanted there"
+        )
 
 
 def _class_weight(name, weight, input, num_classes):
@@ -56,6 +72,7 @@ def _class_weight(name, weight, input, num_classes):
         return None
     _check_float(name, weight)
     _check_device(name, weight, input)
+    _no_grad_needed(name, weight)
     if weight.dim() != 1 or weight.shape[0] != num_classes:
         raise ValueError(
             f"{name} should be defined either for all {num_classes} classes or no classes, "
@@ -138,9 +155,10 @@ def _grad_scale(grad_out: Tensor, denom: Optional[Tensor], reduction: str, row_s
 
 def _forward(ctx, x, run, reduction, inplace, grad_row_shape, numel=None):
     """Shared forward: `run(grad)` launches the kernel, which returns (per-row loss, per-row
-    count or None) and, when grad is given, writes d(row loss)/dx into it."""
+    count or None) and, when grad is given, writes d(row loss)/dx into it. No gradient
+    pass under torch.no_grad() (needs_input_grad alone is still True there)."""
     grad = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and ctx.grad_enabled:
         grad = x if inplace else _ops.empty_grad(x)
     loss, count = run(grad)
     if numel is not None and reduction == "mean":  # elementwise losses: "mean" is sum / numel
@@ -180,7 +198,7 @@ class _RowLossFn(torch.autograd.Function):
             denom, _ = ctx.saved_tensors  # also checks the saved input is unmodified
             grad = ctx.grad
         if grad is None:
-            return (None,) * 11
+            return (None,) * 12
         with torch.no_grad():
             if ctx.numel is not None and ctx.reduction == "mean":
                 scale = grad_out / ctx.numel
@@ -201,7 +219,7 @@ class _RowLossFn(torch.autograd.Function):
                 scaled = grad.mul_(scale)
         if create_graph:  # mark the gradient so that differentiating it again fails clearly
             scaled = _NoDoubleBackward.apply(scaled.detach().requires_grad_())
-        return (scaled,) + (None,) * 10
+        return (scaled,) + (None,) * 11
 
 
 class _NoDoubleBackward(torch.autograd.Function):
@@ -221,8 +239,10 @@ class _NoDoubleBackward(torch.autograd.Function):
 
 class _CrossEntropyFn(_RowLossFn):
     @staticmethod
-    def forward(ctx, x, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap, reduction, inplace, backend):
+    def forward(ctx, x, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap, reduction, inplace, backend,
+                grad_enabled):
         # x (N, C, D); target (N, D) int64 or (N, C, D) probabilities; weight (C,); mask (N, C, D) bool
+        ctx.grad_enabled = grad_enabled
         impl = _backend.IMPLS[backend]
         run = lambda grad: impl.ce_fwd(x, target, weight, mask, grad, ignore_index, label_smoothing, z_loss, softcap)
         return _forward(ctx, x, run, reduction, inplace, (x.shape[0], 1, x.shape[2]))
@@ -230,8 +250,9 @@ class _CrossEntropyFn(_RowLossFn):
 
 class _FocalFn(_RowLossFn):
     @staticmethod
-    def forward(ctx, x, target, alpha, mask, ignore_index, gamma, reduction, backend):
+    def forward(ctx, x, target, alpha, mask, ignore_index, gamma, reduction, backend, grad_enabled):
         # x (N, C, D); target (N, D) int64; alpha (C,); mask (N, C, D) bool
+        ctx.grad_enabled = grad_enabled
         impl = _backend.IMPLS[backend]
         run = lambda grad: impl.focal_fwd(x, target, alpha, mask, grad, ignore_index, gamma)
         return _forward(ctx, x, run, reduction, False, (x.shape[0], 1, x.shape[2]))
@@ -239,12 +260,14 @@ class _FocalFn(_RowLossFn):
 
 class _BinaryFn(_RowLossFn):
     @staticmethod
-    def forward(ctx, x, target, weight, pos_weight, gamma, alpha, reduction, backend):
+    def forward(ctx, x, target, weight, pos_weight, gamma, alpha, reduction, backend, grad_enabled):
         # x, target (M, L); weight, pos_weight (M, L) broadcast views
+        ctx.grad_enabled = grad_enabled
         impl = _backend.IMPLS[backend]
         reduce = reduction != "none"
         run = lambda grad: (impl.binary_fwd(x, target, weight, pos_weight, grad, gamma, alpha, reduce), None)
-        return _forward(ctx, x, run, reduction, False, x.shape, max(x.numel(), 1))
+        # "mean" of an empty input is NaN, as in PyTorch (0 / 0)
+        return _forward(ctx, x, run, reduction, False, x.shape, x.numel())
 
 
 # ----------------------------------------------------------------------------- cross-entropy
@@ -287,6 +310,7 @@ def cross_entropy(
     m = _class_mask(mask, input)
     x = _rows3(input)
     if target.dtype.is_floating_point:  # class probabilities
+        _no_grad_needed("target", target)
         if target.shape != input.shape:
             raise ValueError(
                 f"probability target must have the input's shape {tuple(input.shape)}, got {tuple(target.shape)}"
@@ -299,10 +323,11 @@ def cross_entropy(
     else:
         raise TypeError(f"target must be int64/int32 class indices or floating class probabilities; got {target.dtype}")
     backend = _backend_for(backend, input)
-    inplace = bool(inplace_backward) and input.requires_grad and not torch.compiler.is_compiling()
+    grad_enabled = torch.is_grad_enabled()
+    inplace = bool(inplace_backward) and input.requires_grad and grad_enabled and not torch.compiler.is_compiling()
     out = _CrossEntropyFn.apply(
         x, t, w, m, int(ignore_index), float(label_smoothing), float(z_loss), float(softcap or 0.0),
-        reduction, inplace, backend,
+        reduction, inplace, backend, grad_enabled,
     )
     return out.reshape(target_shape) if reduction == "none" else out
 
@@ -343,7 +368,7 @@ def focal_loss(
     x = _rows3(input)
     t = target.detach().to(torch.int64).reshape(x.shape[0], x.shape[2])
     backend = _backend_for(backend, input)
-    out = _FocalFn.apply(x, t, a, m, int(ignore_index), float(gamma), reduction, backend)
+    out = _FocalFn.apply(x, t, a, m, int(ignore_index), float(gamma), reduction, backend, torch.is_grad_enabled())
     return out.reshape(target_shape) if reduction == "none" else out
 
 
@@ -356,6 +381,7 @@ def _elementwise_operand(name, t, input):
         t = torch.as_tensor(t, dtype=acc_dtype(input.dtype), device=input.device)
     _check_float(name, t)
     _check_device(name, t, input)
+    _no_grad_needed(name, t)
     _check_broadcastable(name, t, input)
     return _rows2(t.detach().to(acc_dtype(input.dtype)).expand(input.shape))
 
@@ -386,10 +412,11 @@ def _binary(input, target, weight, pos_weight, reduction, gamma, alpha, backend,
             )
     w = _elementwise_operand("weight", weight, input)
     pw = _elementwise_operand(pos_weight_name, pos_weight, input)
+    _no_grad_needed("target", target)
     y = _rows2(target.detach().to(input.dtype))
     x = _rows2(input)
     backend = _backend_for(backend, input)
-    out = _BinaryFn.apply(x, y, w, pw, float(gamma), float(alpha), reduction, backend)
+    out = _BinaryFn.apply(x, y, w, pw, float(gamma), float(alpha), reduction, backend, torch.is_grad_enabled())
     return out.reshape(input.shape) if reduction == "none" else out
 
 

@@ -3,7 +3,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.nn import _reduction
 
 from fusedloss import functional as F
 
@@ -11,9 +10,7 @@ __all__ = ["CrossEntropyLoss", "BCEWithLogitsLoss", "SigmoidFocalLoss", "FocalLo
 
 
 def _reduction_arg(size_average, reduce, reduction):
-    if size_average is not None or reduce is not None:
-        return _reduction.legacy_get_string(size_average, reduce)
-    return reduction
+    return F._reduction_of(size_average, reduce, reduction)
 
 
 class CrossEntropyLoss(torch.nn.Module):

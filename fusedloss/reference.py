@@ -69,7 +69,9 @@ def _class_rows(x, target, ignore_index, allowed, has_nan):
     t = target.unsqueeze(1)  # (N, 1, D)
     ignored = t == ignore_index
     out_of_range = ~ignored & ((t < 0) | (t >= n_classes))
-    if x.device.type == "cpu" and bool(out_of_range.any()):
+    # IndexError needs the data on the host: eager CPU only (a traced graph, or a GPU
+    # tensor, would need a sync); elsewhere the caller flags the row NaN.
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and bool(out_of_range.any()):
         bad = int(t[out_of_range][0])
         raise IndexError(f"Target {bad} is out of bounds: expected a class index in [0, {n_classes}) or ignore_index={ignore_index}")
     empty = ~allowed.any(dim=1, keepdim=True) & ~has_nan
