@@ -363,6 +363,49 @@ def test_large_vocabulary(backend):
     )
 
 
+CONFIDENT = {
+    "probability": dict(probability=True),
+    "smoothing": dict(label_smoothing=0.1),
+    "weight+smoothing": dict(weight=True, label_smoothing=0.1),
+}
+
+
+@pytest.mark.parametrize("case", CONFIDENT.values(), ids=CONFIDENT.keys())
+def test_confident_rows_float32_precision(backend, case):
+    """Large vocabulary, large logits, small losses (a confident model, distillation-style
+    soft targets): the loss keeps float32's relative accuracy. Sums of y*z or w*z over
+    32000 classes, taken raw, lose it to cancellation against lse * sum(y)."""
+    c = 32000
+    x = make_logits((3, c), scale=3.0)
+    t = torch.tensor([5, 123, 31999])
+    x[torch.arange(3), t] += 20.0
+    kw = {}
+    if case.get("weight"):
+        kw["weight"] = (torch.rand(c, dtype=torch.float64) + 0.5).float()
+    if case.get("label_smoothing"):
+        kw["label_smoothing"] = case["label_smoothing"]
+    target = t
+    if case.get("probability"):
+        target = 0.98 * F.one_hot(t, c).float() + 0.02 / c
+    check_against(
+        lambda x: fusedloss.cross_entropy(x, target, backend=backend, **kw),
+        lambda x: F.cross_entropy(x, target.double() if target.is_floating_point() else target, **_ref_kwargs(kw)),
+        x, f"confident rows {case}",
+    )
+
+
+def test_softcap_confident_row_is_not_negative(backend):
+    """The target's capped logit and the row max must go through the same tanh: a 1-ulp
+    difference made the loss of a confident row negative."""
+    x = torch.zeros(1, 16)
+    x[0, 3] = 40.62295913696289
+    loss = fusedloss.cross_entropy(x, torch.tensor([3]), softcap=30.0, reduction="none", backend=backend)
+    z = 30.0 * torch.tanh(x.double() / 30.0)
+    expected = F.cross_entropy(z, torch.tensor([3]), reduction="none")
+    assert loss.item() >= 0, f"negative loss {loss.item()}"
+    check_close(loss, expected, torch.float32, "softcap confident row")
+
+
 # ----------------------------------------------------------------------------- gradients
 GRADCHECK_CASES = {
     "plain": {},

@@ -142,6 +142,11 @@ struct RowStats {
   // probability targets, else left 0:
   T wy = T(0);   // sum_c w_c y_c
   T wyz = T(0);  // sum_c w_c y_c z_c over terms with w_c y_c != 0 (0 * log 0 = 0, rule 7)
+  // wz_allowed and wyz may be taken relative to a reference: sum w (z_c - zref). With zref
+  // the row max the finalize computes (lse - zref) = log s exactly and the sums stay
+  // small, instead of cancelling lse * sum(w) against sum(w z) (float32 over 32k classes
+  // with logits ~20 lost ~3 digits of a small loss that way). 0 = raw sums.
+  T zref = T(0);
 };
 
 // What pass 2 needs for one row. Every gradient of these losses has the form
@@ -208,7 +213,7 @@ FUSEDLOSS_HD RowCoefs<T> ce_finalize_index(const RowStats<T>& st, T z_t, T w_t, 
   r.target_coef = hard;
   if (smoothing) {
     r.smooth = eps / st.n_allowed;
-    r.loss += r.smooth * (st.w_allowed * r.lse - st.wz_allowed);
+    r.loss += r.smooth * (st.w_allowed * ((st.m - st.zref) + log_s) - st.wz_allowed);
     r.coef_p += r.smooth * st.w_allowed;
   }
   if (zl != T(0)) {
@@ -241,7 +246,7 @@ FUSEDLOSS_HD RowCoefs<T> ce_finalize_prob(const RowStats<T>& st, T eps, T zl, bo
     wy += r.smooth * st.w_allowed;
     wyz += r.smooth * st.wz_allowed;
   }
-  r.loss = r.lse * wy - wyz;
+  r.loss = ((st.m - st.zref) + Math<T>::log(st.s)) * wy - wyz;  // (lse - zref) wy - wyz
   r.coef_p = wy;
   if (zl != T(0)) {
     r.loss += zl * r.lse * r.lse;
@@ -274,7 +279,7 @@ FUSEDLOSS_HD RowCoefs<T> focal_finalize(const RowStats<T>& st, T z_t, T alpha_t,
   const T qg = gamma == T(0) ? T(1) : Math<T>::pow(q, gamma);
   // p == 0 (masked target, logp = -inf): gamma p r is 0, not 0 * -inf.
   const T ratio = q == T(0) ? T(-1) : (p == T(0) ? T(0) : logp / q);
-  r.loss = alpha_t * qg * -logp;
+  r.loss = coef_times(alpha_t * qg, -logp);  // alpha_t = 0 at a masked target: 0, not 0 * inf
   const T G = gamma == T(0) ? alpha_t : alpha_t * qg * (T(1) - gamma * p * ratio);
   r.coef_p = G;
   r.target_coef = G;
