@@ -166,3 +166,15 @@ def test_caller_tensors_unmodified_and_deterministic(backend):
     fusedloss.focal_loss(leaf, t, 2.0, a, mask=mask, backend=backend).backward()
     check_unmodified(before, leaf, t, a, mask)
     check_deterministic(lambda x: fusedloss.focal_loss(x, t, 2.0, a, mask=mask, backend=backend), x)
+
+
+def test_zero_alpha_at_masked_target(backend):
+    """alpha[t] = 0 zeroes the row's term even where -log p_t is +inf (masked target),
+    as weight[t] = 0 does for cross-entropy: loss 0, not 0 * inf."""
+    x = torch.tensor([[0.5, -INF, 1.0], [0.2, 0.1, -0.3]], dtype=torch.float64)
+    t = torch.tensor([1, 2])
+    a = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    out = fusedloss.focal_loss(x, t, 2.0, a, reduction="none", backend=backend)
+    logp = torch.log_softmax(x[1], 0)[2]
+    expected = torch.stack([torch.zeros((), dtype=torch.float64), -(1 - logp.exp()) ** 2 * logp])
+    check_close(out, expected, torch.float64, "focal loss with alpha[t] = 0 at a masked target")
