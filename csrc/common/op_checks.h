@@ -23,6 +23,15 @@ inline void check_same_device(const char* name, const at::Tensor& t, const at::T
               " but logits are on ", logits.device());
 }
 
+// Scalar arguments of ce_fwd and focal_fwd (shared by the CPU op and the CUDA binding).
+inline void check_ce_scalars(double label_smoothing, double softcap) {
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, "ce_fwd: label_smoothing must be in [0, 1], got ",
+              label_smoothing);
+  TORCH_CHECK(softcap >= 0.0, "ce_fwd: softcap must be >= 0 (0 = off), got ", softcap);
+}
+
+inline void check_focal_gamma(double gamma) { TORCH_CHECK(gamma >= 0.0, "focal_fwd: gamma must be >= 0, got ", gamma); }
+
 // Which target form ce_fwd received.
 enum class TargetKind { kClassIndex, kProbability };
 

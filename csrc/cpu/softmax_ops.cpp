@@ -35,9 +35,7 @@ std::tuple<at::Tensor, at::Tensor> ce_fwd_cpu(const at::Tensor& logits, const at
                                               const std::optional<at::Tensor>& grad, int64_t ignore_index,
                                               double label_smoothing, double z_loss, double softcap) {
   check_softmax_row_args("ce_fwd", logits, target, weight, "weight", mask, grad, /*allow_prob=*/true);
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, "ce_fwd: label_smoothing must be in [0, 1], got ",
-              label_smoothing);
-  TORCH_CHECK(softcap >= 0.0, "ce_fwd: softcap must be >= 0 (0 = off), got ", softcap);
+  check_ce_scalars(label_smoothing, softcap);
   auto [loss, count] = row_outputs(logits);
   FUSEDLOSS_CPU_KERNEL(ce_fwd_kernel)(logits, target, weight, mask, grad, ignore_index, label_smoothing, z_loss,
                                       softcap, loss, count);
@@ -50,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor> focal_fwd_cpu(const at::Tensor& logits, const
                                                  const std::optional<at::Tensor>& grad, int64_t ignore_index,
                                                  double gamma) {
   check_softmax_row_args("focal_fwd", logits, target, alpha, "alpha", mask, grad, /*allow_prob=*/false);
-  TORCH_CHECK(gamma >= 0.0, "focal_fwd: gamma must be >= 0, got ", gamma);
+  check_focal_gamma(gamma);
   auto [loss, count] = row_outputs(logits);
   FUSEDLOSS_CPU_KERNEL(focal_fwd_kernel)(logits, target, alpha, mask, grad, ignore_index, gamma, loss, count);
   return {loss, count};

@@ -67,6 +67,7 @@ std::tuple<at::Tensor, at::Tensor> ce_fwd_cuda(const at::Tensor& logits, const a
                                                const std::optional<at::Tensor>& grad, int64_t ignore_index,
                                                double label_smoothing, double z_loss, double softcap) {
   const TargetKind kind = check_softmax_row_args("ce_fwd", logits, target, weight, "weight", mask, grad, true);
+  check_ce_scalars(label_smoothing, softcap);
   cuda::SoftmaxRowParams p{};
   p.kind = kind == TargetKind::kProbability ? cuda::SoftmaxLoss::kCeProb : cuda::SoftmaxLoss::kCeIndex;
   p.ignore_index = ignore_index;
@@ -80,6 +81,7 @@ std::tuple<at::Tensor, at::Tensor> focal_fwd_cuda(const at::Tensor& logits, cons
                                                   const std::optional<at::Tensor>& grad, int64_t ignore_index,
                                                   double gamma) {
   const TargetKind kind = check_softmax_row_args("focal_fwd", logits, target, alpha, "alpha", mask, grad, false);
+  check_focal_gamma(gamma);
   cuda::SoftmaxRowParams p{};
   p.kind = cuda::SoftmaxLoss::kFocal;
   p.ignore_index = ignore_index;
