@@ -211,3 +211,32 @@ def test_cpu_gradient_buffers_are_reused_only_after_release():
     x64.grad = None
     F.cross_entropy(x64, t, label_smoothing=0.5).backward()
     assert (g3.double() - x64.grad).abs().max() < 1e-6
+
+
+def test_no_grad_computes_no_gradient_and_keeps_the_input(backend):
+    """Under torch.no_grad() nothing is written into the input, even with
+    inplace_backward=True, and the value is the same as with autograd on."""
+    x, t = make_logits((4, 9)).requires_grad_(), make_target((4,), 9)
+    keep = x.detach().clone()
+    with torch.no_grad():
+        out = fusedloss.cross_entropy(x, t, inplace_backward=True, backend=backend)
+    assert torch.equal(x.detach(), keep), "the input changed under no_grad"
+    assert out.grad_fn is None
+    check_against(lambda v: fusedloss.cross_entropy(v, t, backend=backend), lambda v: F.cross_entropy(v, t), keep, "no_grad")
+
+
+@pytest.mark.parametrize("which", ["probability target", "bce target", "weight", "pos_weight"])
+def test_gradients_to_targets_and_weights_are_refused(backend, which):
+    """Only the input gets a gradient: a target or weight that requires grad raises rather
+    than silently getting none (PyTorch differentiates soft targets)."""
+    x = make_logits((3, 5)).requires_grad_()
+    soft = torch.softmax(torch.randn(3, 5), 1).requires_grad_()
+    w = (torch.rand(5) + 0.5).requires_grad_()
+    calls = {
+        "probability target": lambda: fusedloss.cross_entropy(x, soft, backend=backend),
+        "bce target": lambda: fusedloss.binary_cross_entropy_with_logits(x, soft, backend=backend),
+        "weight": lambda: fusedloss.cross_entropy(x, torch.tensor([0, 1, 2]), w, backend=backend),
+        "pos_weight": lambda: fusedloss.binary_cross_entropy_with_logits(x, soft.detach(), pos_weight=w, backend=backend),
+    }
+    with pytest.raises(NotImplementedError, match=which.split()[-1]):
+        calls[which]()

@@ -59,27 +59,31 @@ def test_opcheck(op, name, args):
 class _Heads(torch.nn.Module):
     """A tiny model whose loss calls each public loss."""
 
-    def __init__(self):
+    def __init__(self, backend):
         super().__init__()
         self.lin = torch.nn.Linear(8, 10)
+        self.backend = backend
 
     def forward(self, feats, t, y, mask):
-        logits = self.lin(feats)
+        logits, b = self.lin(feats), self.backend
         return (
-            fusedloss.cross_entropy(logits, t, mask=mask, label_smoothing=0.1, z_loss=1e-3, softcap=20.0, backend="cpu")
-            + fusedloss.focal_loss(logits, t, 2.0, 0.25, backend="cpu")
-            + fusedloss.binary_cross_entropy_with_logits(logits, y, backend="cpu")
-            + fusedloss.sigmoid_focal_loss(logits, y, reduction="mean", backend="cpu")
+            fusedloss.cross_entropy(logits, t, mask=mask, label_smoothing=0.1, z_loss=1e-3, softcap=20.0, backend=b)
+            + fusedloss.focal_loss(logits, t, 2.0, 0.25, backend=b)
+            + fusedloss.binary_cross_entropy_with_logits(logits, y, backend=b)
+            + fusedloss.sigmoid_focal_loss(logits, y, reduction="mean", backend=b)
             + fusedloss.cross_entropy(logits.index_fill(1, torch.tensor([3]), float("-inf")), t.clamp_min(4), reduction="none",
-                                      backend="cpu").sum()
+                                      backend=b).sum()
+            # the deprecated size_average / reduce pair traces too
+            + fusedloss.cross_entropy(logits, t, reduce=False, backend=b).sum()
         )
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_compile_fullgraph(compiler):
+def test_compile_fullgraph(compiler, backend):
     """One graph (fullgraph=True fails on a graph break or a host sync such as .item()),
     and the compiled loss and gradients equal eager ones."""
-    model = _Heads()
+    model = _Heads(backend)
     feats, t = torch.randn(6, 8), make_target((6,), 10)
     y, mask = torch.rand(6, 10), torch.rand(10) > 0.2
     torch._dynamo.reset()
