@@ -199,3 +199,34 @@ def test_compile_fullgraph_on_gpu():
     ref = F.cross_entropy(model(x).double(), t, label_smoothing=0.1)
     _assert_close(loss, ref, 1e-5, 1e-5, "compiled loss")
 
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_softcap_zloss_and_confident_focal_float32(backend):
+    """Paths whose accuracy leans on exp/log/tanh rewrites (softcap's tanh from expm1, the
+    focal q = -expm1(log p) near p = 1), where GPU fast-math intrinsics would show."""
+    _backend_or_fail(backend)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = (torch.randn(64, 4096, device="cuda", generator=g) * 4).requires_grad_()
+    t = torch.randint(0, 4096, (64,), device="cuda", generator=g)
+    cap = 30.0
+    loss = fusedloss.cross_entropy(x, t, softcap=cap, z_loss=1e-4, label_smoothing=0.1, backend=backend)
+    loss.backward()
+    x64 = x.detach().double().requires_grad_()
+    z = cap * torch.tanh(x64 / cap)
+    ref = F.cross_entropy(z, t, label_smoothing=0.1) + 1e-4 * (torch.logsumexp(z, 1) ** 2).mean()
+    ref.backward()
+    _assert_close(loss, ref, 1e-5, 1e-6, "softcap + z_loss loss")
+    _assert_close(x.grad, x64.grad, 0, 1e-6, "softcap + z_loss grad")
+
+    y = torch.randn(64, 4096, device="cuda", generator=g)
+    y[torch.arange(64), t] += 25.0  # p_t -> 1: q = 1 - p_t tiny
+    y.requires_grad_()
+    loss = fusedloss.focal_loss(y, t, gamma=0.5, reduction="sum", backend=backend)
+    loss.backward()
+    y64 = y.detach().double().requires_grad_()
+    logp = F.log_softmax(y64, 1).gather(1, t[:, None]).squeeze(1)
+    ref = (-(-torch.expm1(logp)) ** 0.5 * logp).sum()
+    ref.backward()
+    _assert_close(loss, ref, 1e-4, 1e-6, "confident focal loss")
+    _assert_close(y.grad, y64.grad, 0, 1e-6, "confident focal grad")
