@@ -87,6 +87,37 @@ def test_kdim(backend, reduction, form):
     )
 
 
+@pytest.mark.parametrize("dtype_", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kdim_many_positions(backend, dtype_):
+    """D = 37 positions: several vector blocks of rows and a partial one (the CPU's K-dim
+    path puts positions in the vector lanes), with ignored rows full of NaN, an all -inf
+    row, a masked class, softcap and z_loss."""
+    x = make_logits((3, 6, 37), dtype_)
+    t = make_target((3, 37), 6, n_ignored=0)
+    t[0, 5] = t[2, 36] = -100
+    x[0, :, 5] = NAN  # ignored: no trace in loss or gradient
+    x[1, :, 17] = -INF  # empty row: not counted
+    mask = torch.tensor([True, True, False, True, True, True]).view(6, 1)
+    t[t == 2] = 3  # targets stay on allowed classes, so PyTorch on the allowed columns is the reference
+    keep = [0, 1, 3, 4, 5]
+    counted = (t != -100) & torch.isfinite(x.float()).all(1)
+    kw = dict(label_smoothing=0.1, softcap=8.0, z_loss=1e-3)
+
+    def reference(v):
+        v = torch.where(torch.isfinite(v), v, 0.0)  # rows left out below; no NaN through tanh's backward
+        z = 8.0 * torch.tanh(v[:, keep] / 8.0)
+        zr, tr = z.permute(0, 2, 1)[counted], t[counted]
+        tr = torch.tensor([keep.index(int(c)) for c in tr])
+        return F.cross_entropy(zr, tr, label_smoothing=0.1) + 1e-3 * (torch.logsumexp(zr, 1) ** 2).mean()
+
+    out, grad = check_against(
+        lambda v: fusedloss.cross_entropy(v, t, mask=mask, backend=backend, **kw), reference, x, "K-dim, 37 positions"
+    )
+    assert torch.equal(grad[0, :, 5], torch.zeros(6, dtype=grad.dtype)), "ignored NaN row has a gradient"
+    assert torch.equal(grad[1, :, 17], torch.zeros(6, dtype=grad.dtype)), "empty row has a gradient"
+    assert torch.equal(grad[:, 2, :], torch.zeros(3, 37, dtype=grad.dtype)), "masked class has a gradient"
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("form", ["class", "probability"])
 def test_unbatched(backend, reduction, form):

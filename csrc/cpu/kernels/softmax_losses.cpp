@@ -395,6 +395,162 @@ RowResult<acc_t> softmax_row(const Config<acc_t>& cfg, const Row<scalar_t>& r, i
   return res;
 }
 
+// ----------------------------------------------------------------------------- K-dim rows
+// K-dim input (N, C, D) with positions contiguous (stride_d == 1, as in NCHW): a row's
+// classes are D apart, so the row path gathers every vector element by element. Here the
+// vector lanes are kV consecutive positions (rows) instead: each class is one contiguous
+// load for kV rows. Pass 1 takes the lanes' max, then their sums against it (max-relative,
+// so RowStats::zref = m exactly); the shared finalize runs per lane; pass 2 writes the
+// gradient lane-wise. Same formulas and row kinds as softmax_row.
+template <typename acc_t, typename scalar_t>
+void softmax_lanes(const Config<acc_t>& cfg, const Row<scalar_t>& base, int64_t ys_d, int64_t ms_d,
+                   const int64_t* tgt, int64_t t_stride, int64_t L, acc_t* loss_out, acc_t* count_out) {
+  // base: operands of the block's first row; base.xs/ys/ms/gs are the CLASS strides; the
+  // lane (position) stride is 1 for logits and grad, ys_d / ms_d for target / mask.
+  using V = Vectorized<acc_t>;
+  constexpr int kV = V::size();
+  const int64_t C = cfg.C;
+  const bool index_target = cfg.kind != LossKind::kCeProb;
+  const V ninf(row::neg_inf<acc_t>()), zero(acc_t(0)), one(acc_t(1));
+  auto lane_row = [&](int64_t c) {  // the kV rows' class c as a "row" of kV lanes
+    return Row<scalar_t>{base.x + c * base.xs, 1, base.y ? base.y + c * base.ys : nullptr, ys_d,
+                         base.mask ? base.mask + c * base.ms : nullptr, ms_d, nullptr, 1};
+  };
+
+  // classification per lane (ignored / out of range / counted)
+  int64_t t[kV];
+  bool live[kV];
+  for (int l = 0; l < kV; ++l) {
+    t[l] = -1;
+    live[l] = l < L;
+    if (index_target && l < L) {
+      t[l] = tgt[l * t_stride];
+      const auto kind = row::classify_target(t[l], cfg.ignore_index, C);
+      TORCH_CHECK_INDEX(kind != row::kOutOfRange, "fusedloss: target ", t[l], " is out of bounds: class targets must be in [0, ",
+                        C, ") (C = ", C, ") or equal ignore_index (", cfg.ignore_index, ")");
+      live[l] = kind == row::kCounted;
+    }
+  }
+
+  // pass 1a: the lanes' max
+  V m = ninf;
+  for (int64_t c = 0; c < C; ++c) {
+    V allowed;
+    m = at::vec::maximum(m, load_z<acc_t, true>(cfg, lane_row(c), 0, L, allowed, nullptr));
+  }
+  // pass 1b: sums relative to m (-inf lanes: nothing allowed, every term is 0 or -inf)
+  const V ref = V::blendv(m, zero, m == ninf);
+  KahanVec<acc_t> s_acc, wa_acc, wz_acc, wy_acc, wyz_acc;
+  V n_acc = zero, wyz_masked = zero;
+  for (int64_t c = 0; c < C; ++c) {
+    V allowed;
+    const Row<scalar_t> r = lane_row(c);
+    const V zr = load_z<acc_t, true>(cfg, r, 0, L, allowed, nullptr) - ref;
+    s_acc.add(row::Math<V>::exp(zr));  // masked: exp(-inf) = 0
+    if (cfg.smoothing || cfg.kind == LossKind::kCeProb) {
+      const V w = cfg.weight ? V(cfg.weight[c]) : one;
+      if (cfg.smoothing) {
+        n_acc += V::blendv(zero, one, allowed);
+        wa_acc.add(V::blendv(zero, w, allowed));
+        wz_acc.add(V::blendv(zero, w * zr, allowed));
+      }
+      if (cfg.kind == LossKind::kCeProb) {
+        const V wy = w * load_vec<acc_t, false>(r.y, r.ys, L, acc_t(0));
+        const V masked_y = (zr == ninf) & (wy != zero);
+        wyz_masked = V::blendv(wyz_masked, one, masked_y);
+        wy_acc.add(wy);
+        wyz_acc.add(V::blendv(wy * zr, zero, (wy == zero) | masked_y));
+      }
+    }
+  }
+
+  // finalize per lane
+  alignas(64) acc_t mv[kV], sv[kV], nv[kV], wav[kV], wzv[kV], wyv[kV], wyzv[kV], wyzm[kV];
+  m.store(mv);
+  s_acc.value().store(sv);
+  n_acc.store(nv);
+  wa_acc.value().store(wav);
+  wz_acc.value().store(wzv);
+  wy_acc.value().store(wyv);
+  wyz_acc.value().store(wyzv);
+  wyz_masked.store(wyzm);
+  row::RowCoefs<acc_t> k[kV];
+  alignas(64) acc_t lse[kV], coef_p[kV], smooth[kV], gate[kV];
+  acc_t z_t[kV], dzdx_t[kV], w_t[kV];
+  bool t_allowed[kV];
+  for (int l = 0; l < kV; ++l) {
+    k[l] = row::zero_row<acc_t>();
+    z_t[l] = row::neg_inf<acc_t>(), dzdx_t[l] = acc_t(1), w_t[l] = acc_t(1), t_allowed[l] = false;
+    if (live[l]) {
+      row::RowStats<acc_t> st;
+      st.m = mv[l];
+      st.s = sv[l];
+      st.zref = row::is_empty_row(mv[l]) ? acc_t(0) : mv[l];
+      st.n_allowed = nv[l], st.w_allowed = wav[l], st.wz_allowed = wzv[l];
+      st.wy = wyv[l], st.wyz = wyzm[l] > acc_t(0) ? row::neg_inf<acc_t>() : wyzv[l];
+      if (index_target) {
+        const int64_t tl = t[l];
+        const acc_t x_t = static_cast<acc_t>(base.x[tl * base.xs + l]);
+        t_allowed[l] = x_t != row::neg_inf<acc_t>() && (!base.mask || base.mask[tl * base.ms + l * ms_d]);
+        if (t_allowed[l]) {
+          // the target's z from the same vector load_z as pass 1 (same tanh, same bits)
+          V allowed, d;
+          const V zv = load_z<acc_t, true>(cfg, lane_row(tl), 0, L, allowed, &d);
+          alignas(64) acc_t zb[kV], db[kV];
+          zv.store(zb);
+          d.store(db);
+          z_t[l] = zb[l];
+          dzdx_t[l] = cfg.softcap ? db[l] : acc_t(1);
+        }
+        if (cfg.weight) w_t[l] = cfg.weight[tl];
+      }
+      switch (cfg.kind) {
+        case LossKind::kCeIndex: k[l] = row::ce_finalize_index(st, z_t[l], w_t[l], cfg.eps, cfg.zl, cfg.smoothing); break;
+        case LossKind::kCeProb: k[l] = row::ce_finalize_prob(st, cfg.eps, cfg.zl, cfg.smoothing); break;
+        case LossKind::kFocal: k[l] = row::focal_finalize(st, z_t[l], w_t[l], cfg.gamma); break;
+      }
+    }
+    if (l < L) {
+      loss_out[l] = k[l].loss;
+      count_out[l] = k[l].count;
+    }
+    lse[l] = k[l].grad ? k[l].lse : acc_t(0);
+    coef_p[l] = k[l].coef_p, smooth[l] = k[l].smooth;
+    gate[l] = k[l].grad ? acc_t(1) : acc_t(0);
+  }
+  if (!base.g) return;
+
+  // pass 2: lanes whose row has no gradient (ignored / empty) get exact zeros
+  const V vlse = V::loadu(lse), vcoef = V::loadu(coef_p), vsmooth = V::loadu(smooth), hard(acc_t(1) - cfg.eps);
+  const V vgate = V::loadu(gate) != zero;
+  for (int64_t c = 0; c < C; ++c) {
+    const Row<scalar_t> r = lane_row(c);
+    V allowed, dzdx;
+    const V z = load_z<acc_t, true>(cfg, r, 0, L, allowed, &dzdx);
+    const V w = cfg.weight ? V(cfg.weight[c]) : one;
+    V coef_y = zero, masked_g = zero;
+    if (cfg.kind == LossKind::kCeProb) {
+      const V wy = w * load_vec<acc_t, false>(r.y, r.ys, L, acc_t(0));
+      masked_g = cfg.eps == acc_t(1) ? zero : zero - hard * wy;
+      coef_y = (cfg.eps == acc_t(1) ? zero : hard * wy) + vsmooth * w;
+    } else if (cfg.smoothing) {
+      coef_y = vsmooth * w;
+    }
+    V g = row::grad_of_p(row::softmax_p(z, vlse), vcoef, coef_y);
+    if (cfg.softcap) g = g * dzdx;
+    g = V::blendv(masked_g, g, allowed);
+    g = V::blendv(zero, g, vgate);
+    store_vec<true>(base.g + c * base.gs, 1, L, g);
+  }
+  if (index_target) {
+    for (int l = 0; l < L; ++l) {
+      if (k[l].grad) {
+        base.g[t[l] * base.gs + l] = static_cast<scalar_t>(row::target_grad(k[l], z_t[l], dzdx_t[l], w_t[l], t_allowed[l]));
+      }
+    }
+  }
+}
+
 // ----------------------------------------------------------------------------- all rows
 template <typename scalar_t>
 void run_rows(const Config<at::opmath_type<scalar_t>>& cfg, const at::Tensor& logits, const at::Tensor& target,
@@ -419,6 +575,23 @@ void run_rows(const Config<at::opmath_type<scalar_t>>& cfg, const at::Tensor& lo
   const int64_t gN = grad ? grad->stride(0) : 0, gC = grad ? grad->stride(1) : 0, gD = grad ? grad->stride(2) : 0;
   acc_t* loss_p = loss.data_ptr<acc_t>();
   acc_t* count_p = count.data_ptr<acc_t>();
+
+  // K-dim with contiguous positions: vector lanes across rows (softmax_lanes).
+  if (D > 1 && xD == 1 && (!g || gD == 1) && xC != 1) {
+    constexpr int64_t kV = V::size();
+    const int64_t blocks_per_n = (D + kV - 1) / kV;
+    const int64_t grain = std::max<int64_t>(1, 4096 / (kV * C));
+    at::parallel_for(0, N * blocks_per_n, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t n = i / blocks_per_n, d0 = (i % blocks_per_n) * kV, L = std::min(kV, D - d0);
+        Row<scalar_t> base{x + n * xN + d0, xC, y ? y + n * yN + d0 * yD : nullptr, yC,
+                           m ? m + n * mN + d0 * mD : nullptr, mC, g ? g + n * gN + d0 : nullptr, gC};
+        softmax_lanes<acc_t, scalar_t>(cfg, base, yD, mD, tgt ? tgt + n * tN + d0 * tD : nullptr, tD, L,
+                                       loss_p + n * D + d0, count_p + n * D + d0);
+      }
+    });
+    return;
+  }
 
   const bool contig = xC == 1 && (!g || gC == 1) && (!prob || yC == 1);
   // Pass 1 stores exp into grad (saving pass 2's exp) only on plain rows: no mask, smoothing
