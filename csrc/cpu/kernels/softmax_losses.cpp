@@ -166,6 +166,29 @@ inline Vectorized<acc_t> load_z(const Config<acc_t>& cfg, const Row<scalar_t>& r
   return x;
 }
 
+// Pass 2 for one vector of classes: dloss/dz = coef_p p - coef_y, times the softcap factor,
+// and the exact value at masked lanes: 0, or -(1 - eps) w y for a masked class with y > 0
+// (rule 4; (1 - eps) = 0 gives 0). wy = w * y for probability targets (unused otherwise).
+template <typename acc_t>
+inline Vectorized<acc_t> pass2_grad(const Config<acc_t>& cfg, const Vectorized<acc_t>& z,
+                                    const Vectorized<acc_t>& allowed, const Vectorized<acc_t>& dzdx,
+                                    const Vectorized<acc_t>& w, const Vectorized<acc_t>& wy,
+                                    const Vectorized<acc_t>& lse, const Vectorized<acc_t>& coef_p,
+                                    const Vectorized<acc_t>& smooth) {
+  using V = Vectorized<acc_t>;
+  const V zero(acc_t(0)), hard(acc_t(1) - cfg.eps);
+  V coef_y = zero, masked_g = zero;
+  if (cfg.kind == LossKind::kCeProb) {
+    masked_g = cfg.eps == acc_t(1) ? zero : zero - hard * wy;
+    coef_y = (cfg.eps == acc_t(1) ? zero : hard * wy) + smooth * w;
+  } else if (cfg.smoothing) {
+    coef_y = smooth * w;
+  }
+  V g = row::grad_of_p(row::softmax_p(z, lse), coef_p, coef_y);
+  if (cfg.softcap) g = g * dzdx;
+  return V::blendv(masked_g, g, allowed);
+}
+
 template <typename acc_t>
 struct RowResult {
   acc_t loss, count;
@@ -364,29 +387,16 @@ RowResult<acc_t> softmax_row(const Config<acc_t>& cfg, const Row<scalar_t>& r, i
       }
     }
   } else {
-    const V lse(k.lse), coef_p(k.coef_p), smooth(k.smooth), hard(acc_t(1) - cfg.eps);
+    const V lse(k.lse), coef_p(k.coef_p), smooth(k.smooth);
     for (int64_t c = 0; c < C; c += kV) {
       const int64_t n = C - c;
-      V allowed, dzdx;
+      V allowed, dzdx, w = one, wy = zero;
       const V z = load_z<acc_t, kContig>(cfg, r, c, n, allowed, &dzdx);
-      V coef_y = zero, masked_g = zero;
-      if (cfg.smoothing || cfg.kind == LossKind::kCeProb) {
-        const V w = cfg.weight ? load_vec<acc_t, true>(cfg.weight + c, 1, n, acc_t(0)) : one;
-        if (cfg.kind == LossKind::kCeProb) {
-          // masked class with y > 0: -w (1 - eps) y (p = 0, rule 4); (1 - eps) = 0 -> 0.
-          const V wy = w * load_vec<acc_t, kContig>(r.y + c * r.ys, r.ys, n, acc_t(0));
-          masked_g = cfg.eps == acc_t(1) ? zero : zero - hard * wy;
-          coef_y = (cfg.eps == acc_t(1) ? zero : hard * wy) + smooth * w;
-        } else {
-          coef_y = smooth * w;
-        }
+      if (cfg.weight && (cfg.smoothing || cfg.kind == LossKind::kCeProb)) {
+        w = load_vec<acc_t, true>(cfg.weight + c, 1, n, acc_t(0));
       }
-      V g = row::grad_of_p(row::softmax_p(z, lse), coef_p, coef_y);
-      if (cfg.softcap) g = g * dzdx;
-      if (cfg.has_mask || cfg.smoothing || cfg.softcap || cfg.kind == LossKind::kCeProb) {
-        g = V::blendv(masked_g, g, allowed);
-      }
-      store_vec<kContig>(r.g + c * r.gs, r.gs, n, g);
+      if (cfg.kind == LossKind::kCeProb) wy = w * load_vec<acc_t, kContig>(r.y + c * r.ys, r.ys, n, acc_t(0));
+      store_vec<kContig>(r.g + c * r.gs, r.gs, n, pass2_grad(cfg, z, allowed, dzdx, w, wy, lse, coef_p, smooth));
     }
   }
   if (index_target) {
@@ -521,26 +531,16 @@ void softmax_lanes(const Config<acc_t>& cfg, const Row<scalar_t>& base, int64_t 
   if (!base.g) return;
 
   // pass 2: lanes whose row has no gradient (ignored / empty) get exact zeros
-  const V vlse = V::loadu(lse), vcoef = V::loadu(coef_p), vsmooth = V::loadu(smooth), hard(acc_t(1) - cfg.eps);
+  const V vlse = V::loadu(lse), vcoef = V::loadu(coef_p), vsmooth = V::loadu(smooth);
   const V vgate = V::loadu(gate) != zero;
   for (int64_t c = 0; c < C; ++c) {
     const Row<scalar_t> r = lane_row(c);
     V allowed, dzdx;
     const V z = load_z<acc_t, true>(cfg, r, 0, L, allowed, &dzdx);
     const V w = cfg.weight ? V(cfg.weight[c]) : one;
-    V coef_y = zero, masked_g = zero;
-    if (cfg.kind == LossKind::kCeProb) {
-      const V wy = w * load_vec<acc_t, false>(r.y, r.ys, L, acc_t(0));
-      masked_g = cfg.eps == acc_t(1) ? zero : zero - hard * wy;
-      coef_y = (cfg.eps == acc_t(1) ? zero : hard * wy) + vsmooth * w;
-    } else if (cfg.smoothing) {
-      coef_y = vsmooth * w;
-    }
-    V g = row::grad_of_p(row::softmax_p(z, vlse), vcoef, coef_y);
-    if (cfg.softcap) g = g * dzdx;
-    g = V::blendv(masked_g, g, allowed);
-    g = V::blendv(zero, g, vgate);
-    store_vec<true>(base.g + c * base.gs, 1, L, g);
+    const V wy = cfg.kind == LossKind::kCeProb ? w * load_vec<acc_t, false>(r.y, r.ys, L, acc_t(0)) : zero;
+    const V g = pass2_grad(cfg, z, allowed, dzdx, w, wy, vlse, vcoef, vsmooth);
+    store_vec<true>(base.g + c * base.gs, 1, L, V::blendv(zero, g, vgate));
   }
   if (index_target) {
     for (int l = 0; l < L; ++l) {
