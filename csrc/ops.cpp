@@ -1,14 +1,21 @@
 // The one place every fusedloss op schema is declared. csrc/cpu and csrc/cuda only add
-// TORCH_LIBRARY_IMPL blocks; fusedloss/_ops.py adds the fake (meta) kernels, and
-// fusedloss/functional.py the autograd formulas.
+// TORCH_LIBRARY_IMPL blocks; fusedloss/_ops.py adds the fake (meta) kernels, fusedloss/triton
+// the same ops as Triton custom ops (`<name>_triton`), fusedloss/reference.py the pure-PyTorch
+// reference, and fusedloss/functional.py the autograd formulas.
 //
-// Shared conventions (all ops):
-//   * The kernels never reduce: they return per-row (or per-element) results in the
-//     accumulation dtype `acc` (float64 for float64 input, float32 otherwise), so the
-//     reductions "none", "mean" and "sum" share one kernel and nothing syncs.
-//   * `grad`, when given, receives d(per-row loss)/d(input), unscaled by grad_output, in
-//     the input's dtype. It may alias the input (inplace_backward). None: no gradient pass.
+// The training step (SPEC section 3). A forward op reads the logits once and returns the
+// reduced loss plus what backward needs; a backward op reads the logits once more and writes
+// the gradient once, scaled by grad_output (and the "mean" denominator) read from device
+// memory: 2 reads + 1 write of N x C per step, for every grad_output, no host sync. The
+// reduction is folded into the forward op (deterministic: a fixed summation order).
+//
+// Shared conventions:
+//   * `acc` is the accumulation dtype: float64 for float64 input, float32 otherwise.
+//   * `reduction` is at::Reduction: 0 = "none", 1 = "mean", 2 = "sum".
+//   * `out_dtype` is the dtype of the returned loss (the input's, or PyTorch's promotion).
 //   * Inputs come with arbitrary strides (0 strides allowed for broadcast operands).
+//   * `grad` is written, never read; it may alias the logits (inplace_backward): the
+//     kernels read each logit before writing its gradient.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -20,39 +27,70 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fusedloss, m) {
-  // Cross-entropy, one row = one sample's C logits.
+  // ---- softmax losses: one row = one sample's C logits
   //   logits (N, C, D)          float16/bfloat16/float32/float64, any strides
   //   target (N, D) int64       class indices (ignore_index, or out of range -> see below)
-  //       or (N, C, D)          class probabilities, logits' dtype, any strides
-  //   weight (C,) acc, contiguous, or None
+  //       or (N, C, D)          class probabilities (ce_fwd only), logits' dtype, any strides
+  //   weight (C,) acc contiguous, or None (cross-entropy class weight; focal: alpha)
   //   mask   (N, C, D) bool, any strides (broadcast: 0 strides), True = class allowed
-  //   grad   (N, C, D) logits' dtype, any strides, or None
-  // returns loss (N, D) acc: the row's loss (weighted, smoothed, + z-loss), 0 for
-  //   ignored and empty rows; count (N, D) acc: the row's share of the "mean"
-  //   denominator (weight[target] or 1 for counted rows, 0 for ignored/empty rows;
-  //   1 for non-empty rows with probability targets).
+  // Forward returns
+  //   out    reduction 0: (N, D) per-row loss; 1, 2: () the mean / sum; in out_dtype
+  //   denom  () acc: the "mean" denominator, sum over rows of the row's count (weight[target]
+  //          or 1 for counted rows, 0 for ignored / empty / out-of-range rows); written for
+  //          reduction 1 (other reductions may leave it uninitialized)
+  //   stats  (N, D, 4) acc contiguous, per row what backward needs (csrc/common/softmax_row.h
+  //          RowCoefs): [lse, coef_p, smooth, target_coef]. lse = -inf marks a row whose
+  //          gradient is exactly 0 (ignored, empty, out of range): backward reads none of
+  //          its logits. Otherwise, with p_c = exp(z_c - lse) (0 for masked c), w_c =
+  //          weight[c] or 1, and z = softcap(x):
+  //            index targets:       dloss/dz_c = coef_p p_c - smooth w_c [c allowed]
+  //                                              - target_coef [c == t]
+  //            probability targets: dloss/dz_c = coef_p p_c - w_c (target_coef y_c
+  //                                              + smooth [c allowed])
+  //          and dloss/dx_c = dloss/dz_c * dz_c/dx_c for allowed c (masked c: dloss/dz_c).
   // Out-of-range class targets: CPU raises IndexError; GPU kernels never read out of
   // bounds and give that row loss NaN and gradient 0.
   m.def(
-      "ce_fwd(Tensor logits, Tensor target, Tensor? weight, Tensor? mask, Tensor(a!)? grad, "
-      "int ignore_index, float label_smoothing, float z_loss, float softcap) -> (Tensor, Tensor)");
-  // Softmax focal loss: row loss alpha_t * (1 - p_t)^gamma * -log(p_t).
-  //   logits, mask, grad as ce_fwd; target (N, D) int64; alpha (C,) acc or None (= 1).
-  // returns loss (N, D) acc and count (N, D) acc (1 for counted rows, 0 otherwise).
+      "ce_fwd(Tensor logits, Tensor target, Tensor? weight, Tensor? mask, int ignore_index, "
+      "float label_smoothing, float z_loss, float softcap, int reduction, ScalarType out_dtype) "
+      "-> (Tensor out, Tensor denom, Tensor stats)");
+  // Softmax focal loss: row loss alpha_t * (1 - p_t)^gamma * -log(p_t); count 1 per counted
+  // row; stats as ce_fwd with index targets (coef_p = target_coef = G, smooth = 0).
   m.def(
-      "focal_fwd(Tensor logits, Tensor target, Tensor? alpha, Tensor? mask, Tensor(a!)? grad, "
-      "int ignore_index, float gamma) -> (Tensor, Tensor)");
-  // BCE-with-logits (gamma == 0 and alpha < 0) and torchvision's sigmoid focal loss,
+      "focal_fwd(Tensor logits, Tensor target, Tensor? alpha, Tensor? mask, int ignore_index, "
+      "float gamma, int reduction, ScalarType out_dtype) -> (Tensor out, Tensor denom, Tensor stats)");
+  // Backward of ce_fwd and focal_fwd (focal: weight None, softcap 0). Writes into grad
+  // (N, C, D), logits' dtype, the gradient of the reduced loss:
+  //   dloss/dx_c (from stats, above) * scale, scale = grad_out[n, d] (reduction 0, grad_out
+  //   (N, D) any strides), grad_out (2, grad_out ()), grad_out / denom (1; 0 when denom == 0,
+  //   SPEC rule 6). grad_out is read in any float dtype.
+  m.def(
+      "softmax_bwd(Tensor grad_out, Tensor logits, Tensor target, Tensor? weight, Tensor? mask, "
+      "Tensor stats, Tensor denom, float softcap, int reduction, Tensor(a!) grad) -> ()");
+
+  // ---- BCE-with-logits (gamma == 0 and alpha < 0) and torchvision's sigmoid focal loss,
   // elementwise over a 2-D view (M, L) of the input.
   //   input (M, L) any strides; target (M, L) input's dtype, any strides;
-  //   weight, pos_weight (M, L) acc, any strides (broadcast: 0 strides), or None;
-  //   grad (M, L) input's dtype or None.
-  // returns loss (M, L) acc when reduce is false, else (M,) acc: the sum of each row.
+  //   weight, pos_weight (M, L) acc, any strides (broadcast: 0 strides), or None.
+  // Forward returns out: reduction 0: (M, L) per-element loss; 1: () the mean (NaN for an
+  // empty input, as PyTorch); 2: () the sum; in out_dtype. With grad (reduction 1 or 2
+  // only), it also writes there the gradient of the reduced loss for grad_output == 1
+  // (the training step's usual case: 1 read + 1 write).
+  m.def(
+      "binary_fwd(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, Tensor(a!)? grad, "
+      "float gamma, float alpha, int reduction, ScalarType out_dtype) -> Tensor");
+  // Backward that recomputes: grad (M, L) input's dtype = dloss/dx * scale, scale =
+  // grad_out[m, l] (reduction 0, grad_out (M, L) any strides), grad_out (2), grad_out /
+  // (M * L) (1). For reduction 0, and for a second backward through the same graph.
+  m.def(
+      "binary_bwd(Tensor grad_out, Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
+      "float gamma, float alpha, int reduction, Tensor(a!) grad) -> ()");
+  // grad *= grad_out (a 0-dim tensor, any float dtype), in place; nothing is read or
+  // written when grad_out == 1 (a device-side check): the backward of binary_fwd's grad.
+  m.def("scale_grad(Tensor grad_out, Tensor(a!) grad) -> ()");
+
   // A contiguous, uninitialized tensor like `like` for a kernel's gradient output. On the
   // CPU it comes from a small cache of freed blocks (csrc/cpu/grad_pool.cpp); elsewhere it
   // is empty_like.
   m.def("empty_grad(Tensor like) -> Tensor");
-  m.def(
-      "binary_fwd(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, Tensor(a!)? grad, "
-      "float gamma, float alpha, bool reduce) -> Tensor");
 }

@@ -1,7 +1,7 @@
 """Backend discovery and dispatch (SPEC section 4).
 
-A backend is a namespace with three functions of the same signatures as the ops in
-csrc/ops.cpp: ce_fwd, focal_fwd, binary_fwd. `resolve(requested, device)` returns the one
+A backend is a namespace with the functions of the same signatures as the ops in
+csrc/ops.cpp (OPS). `resolve(requested, device)` returns the one
 to run; an explicitly requested backend that cannot run raises, "auto" falls back to the
 torch reference with one warning that names what was missing.
 """
@@ -25,30 +25,25 @@ except ImportError as e:  # triton not installed
     TRITON_ERROR = f"triton is not importable ({e})"
 
 
-def _ops_backend(name):
-    ops = torch.ops.fusedloss
-    return types.SimpleNamespace(
-        name=name,
-        ce_fwd=lambda *a: ops.ce_fwd(*a),
-        focal_fwd=lambda *a: ops.focal_fwd(*a),
-        binary_fwd=lambda *a: ops.binary_fwd(*a),
-    )
+OPS = ("ce_fwd", "focal_fwd", "softmax_bwd", "binary_fwd", "binary_bwd", "scale_grad")
+
+
+def _namespace(name, get):
+    return types.SimpleNamespace(name=name, **{op: get(op) for op in OPS})
+
+
+def _cpp_op(op):
+    # looked up at call time: the extension may be absent (the backend is then unavailable)
+    return lambda *args: getattr(torch.ops.fusedloss, op)(*args)
 
 
 IMPLS = {
-    "torch": types.SimpleNamespace(
-        name="torch", ce_fwd=reference.ce_fwd, focal_fwd=reference.focal_fwd, binary_fwd=reference.binary_fwd
-    ),
-    "cpu": _ops_backend("cpu"),
-    "cuda": _ops_backend("cuda"),
+    "torch": _namespace("torch", lambda op: getattr(reference, op)),
+    "cpu": _namespace("cpu", _cpp_op),
+    "cuda": _namespace("cuda", _cpp_op),
 }
 if _triton_impl is not None:
-    IMPLS["triton"] = types.SimpleNamespace(
-        name="triton",
-        ce_fwd=_triton_impl.ce_fwd,
-        focal_fwd=_triton_impl.focal_fwd,
-        binary_fwd=_triton_impl.binary_fwd,
-    )
+    IMPLS["triton"] = _namespace("triton", lambda op: getattr(_triton_impl, op))
 
 
 def _interpret() -> bool:

@@ -9,7 +9,7 @@ except ImportError as e:  # not built, or built against another torch
     _C = None
     ERROR = f"the C++ extension fusedloss._C did not load ({type(e).__name__}: {e}); build it with `pip install --no-build-isolation -e .`"
 
-OPS = ("ce_fwd", "focal_fwd", "binary_fwd", "empty_grad")
+OPS = ("ce_fwd", "focal_fwd", "softmax_bwd", "binary_fwd", "binary_bwd", "scale_grad", "empty_grad")
 
 # Looked up once: the registrations are static, and a plain dict lookup is traceable by
 # torch.compile where the dispatcher query is not.

@@ -1,10 +1,14 @@
 """Fake (meta) kernels of the fusedloss ops: shapes and dtypes only, never data.
 
-The C++ schemas are in csrc/ops.cpp; the Triton ops (fusedloss/triton) reuse these fakes.
+The C++ schemas (and what each output means) are in csrc/ops.cpp; the Triton ops
+(fusedloss/triton) reuse these fakes.
 """
 import torch
 
 from fusedloss import _ext
+
+# at::Reduction, as the ops take it
+REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -12,35 +16,58 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def ce_fwd_fake(logits, target, weight, mask, grad, ignore_index, label_smoothing, z_loss, softcap):
+def _softmax_fwd_fake(logits, reduction, out_dtype):
     n, _, d = logits.shape
     acc = acc_dtype(logits.dtype)
-    return logits.new_empty((n, d), dtype=acc), logits.new_empty((n, d), dtype=acc)
+    out = logits.new_empty((n, d) if reduction == 0 else (), dtype=out_dtype)
+    return out, logits.new_empty((), dtype=acc), logits.new_empty((n, d, 4), dtype=acc)
 
 
-def focal_fwd_fake(logits, target, alpha, mask, grad, ignore_index, gamma):
-    n, _, d = logits.shape
-    acc = acc_dtype(logits.dtype)
-    return logits.new_empty((n, d), dtype=acc), logits.new_empty((n, d), dtype=acc)
+def ce_fwd_fake(logits, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap, reduction, out_dtype):
+    return _softmax_fwd_fake(logits, reduction, out_dtype)
 
 
-def binary_fwd_fake(input, target, weight, pos_weight, grad, gamma, alpha, reduce):
-    m, l = input.shape
-    return input.new_empty((m,) if reduce else (m, l), dtype=acc_dtype(input.dtype))
+def focal_fwd_fake(logits, target, alpha, mask, ignore_index, gamma, reduction, out_dtype):
+    return _softmax_fwd_fake(logits, reduction, out_dtype)
+
+
+def softmax_bwd_fake(grad_out, logits, target, weight, mask, stats, denom, softcap, reduction, grad):
+    return None
+
+
+def binary_fwd_fake(input, target, weight, pos_weight, grad, gamma, alpha, reduction, out_dtype):
+    return input.new_empty(input.shape if reduction == 0 else (), dtype=out_dtype)
+
+
+def binary_bwd_fake(grad_out, input, target, weight, pos_weight, gamma, alpha, reduction, grad):
+    return None
+
+
+def scale_grad_fake(grad_out, grad):
+    return None
 
 
 def empty_grad_fake(like):
     return torch.empty_like(like, memory_format=torch.contiguous_format)
 
 
-FAKES = {"ce_fwd": ce_fwd_fake, "focal_fwd": focal_fwd_fake, "binary_fwd": binary_fwd_fake, "empty_grad": empty_grad_fake}
+FAKES = {
+    "ce_fwd": ce_fwd_fake,
+    "focal_fwd": focal_fwd_fake,
+    "softmax_bwd": softmax_bwd_fake,
+    "binary_fwd": binary_fwd_fake,
+    "binary_bwd": binary_bwd_fake,
+    "scale_grad": scale_grad_fake,
+    "empty_grad": empty_grad_fake,
+}
+
 
 def empty_grad(like):
     """Uninitialized gradient buffer like `like` (contiguous): from the extension's cache
     of freed blocks on the CPU (csrc/cpu/grad_pool.cpp), torch.empty_like elsewhere."""
     if like.device.type == "cpu" and _ext.has_kernel("empty_grad", "CPU") and not torch.compiler.is_compiling():
         return torch.ops.fusedloss.empty_grad(like)
-    return torch.empty_like(like)
+    return torch.empty_like(like, memory_format=torch.contiguous_format)
 
 
 if _ext._C is not None:

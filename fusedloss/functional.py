@@ -1,13 +1,12 @@
 """Public losses: argument checks, canonical views, autograd Functions, reductions.
 
-Layers, for cross-entropy: kernel (csrc/, fusedloss/triton) -> op `fusedloss::ce_fwd`
--> backend namespace (fusedloss/_backend.py) -> `_CrossEntropyFn` (here) ->
+Layers, for cross-entropy: kernels (csrc/, fusedloss/triton) -> ops `fusedloss::ce_fwd`,
+`fusedloss::softmax_bwd` -> backend namespace (fusedloss/_backend.py) -> `_SoftmaxLossFn` (here) ->
 `cross_entropy` (here) -> `fusedloss.nn.CrossEntropyLoss`.
 
-Every kernel returns per-row results (loss, and the row's share of the "mean"
-denominator) and, when the input requires grad, writes d(row loss)/d(input) in the same
-pass. The reduction and its denominator are computed here on tensors, so nothing syncs,
-and backward is one in-place scaling of that gradient by grad_output (/ denominator).
+The ops (csrc/ops.cpp) reduce inside: a forward op returns the "none" / "mean" / "sum"
+loss and what its backward op needs, and the backward op reads grad_output from device
+memory, so nothing syncs and a step is one forward and one backward op (SPEC section 3).
 """
 import warnings
 from typing import Optional
@@ -16,7 +15,7 @@ import torch
 from torch import Tensor
 
 from fusedloss import _backend, _ops
-from fusedloss._ops import acc_dtype
+from fusedloss._ops import REDUCTION_CODES, acc_dtype
 
 __all__ = ["cross_entropy", "binary_cross_entropy_with_logits", "sigmoid_focal_loss", "focal_loss"]
 
@@ -130,98 +129,7 @@ def _backend_for(backend, input):
     return _backend.resolve(backend, input.device).name
 
 
-# ----------------------------------------------------------------------------- reductions
-def _reduce(loss: Tensor, count: Optional[Tensor], reduction: str):
-    """(reduced loss in the accumulation dtype, denominator or None). "mean" over zero
-    counted rows is 0 (SPEC rule 6), without a host sync."""
-    if reduction == "none":
-        return loss, None
-    total = loss.sum()
-    if reduction == "sum":
-        return total, None
-    denom = count.sum() if count is not None else None
-    return torch.where(denom > 0, total / denom, torch.zeros_like(total)), denom
-
-
-def _grad_scale(grad_out: Tensor, denom: Optional[Tensor], reduction: str, row_shape):
-    """What the kernel's unscaled gradient is multiplied by in backward."""
-    if reduction == "none":
-        return grad_out.reshape(row_shape)
-    if reduction == "sum":
-        return grad_out
-    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
-    return torch.where(denom > 0, grad_out / safe, torch.zeros_like(safe))
-
-
-def _forward(ctx, x, run, reduction, inplace, grad_row_shape, numel=None):
-    """Shared forward: `run(grad)` launches the kernel, which returns (per-row loss, per-row
-    count or None) and, when grad is given, writes d(row loss)/dx into it. No gradient
-    pass under torch.no_grad() (needs_input_grad alone is still True there)."""
-    grad = None
-    if ctx.needs_input_grad[0] and ctx.grad_enabled:
-        grad = x if inplace else _ops.empty_grad(x)
-    loss, count = run(grad)
-    if numel is not None and reduction == "mean":  # elementwise losses: "mean" is sum / numel
-        out, denom = loss.sum() / numel, None
-    else:
-        out, denom = _reduce(loss, count, reduction)
-    ctx.reduction, ctx.grad_row_shape, ctx.numel = reduction, grad_row_shape, numel
-    ctx.traced = torch.compiler.is_compiling()
-    if ctx.traced:
-        # A traced graph is functional: the scaling in backward is out of place anyway.
-        ctx.save_for_backward(grad, denom)
-    else:
-        # Eager: the gradient buffer is scaled in place in backward, so forward+backward
-        # holds one N x C buffer, which becomes input.grad. It is kept off the saved-tensor
-        # list so that a second backward through the same graph (retain_graph=True,
-        # gradcheck's reentrancy check) can regenerate the unscaled gradient by running
-        # the kernel again; x is saved so that autograd checks it was not modified since.
-        ctx.save_for_backward(denom, None if inplace else x)
-        ctx.grad, ctx.rerun, ctx.used = grad, (None if inplace else run), False
-    return out.to(x.dtype)
-
-
-class _RowLossFn(torch.autograd.Function):
-    """Shared backward: the forward kernel already wrote the gradient of each row's loss;
-    backward scales it by grad_output (/ denominator) -- one pass, in place (eager).
-
-    With inplace_backward the gradient lives in the input's storage (no N x C allocation
-    at all); a second backward through the same graph then raises, since the logits it
-    would need were overwritten."""
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        create_graph = torch.is_grad_enabled()
-        if ctx.traced:
-            grad, denom = ctx.saved_tensors
-        else:
-            denom, _ = ctx.saved_tensors  # also checks the saved input is unmodified
-            grad = ctx.grad
-        if grad is None:
-            return (None,) * 12
-        with torch.no_grad():
-            if ctx.numel is not None and ctx.reduction == "mean":
-                scale = grad_out / ctx.numel
-            else:
-                scale = _grad_scale(grad_out, denom, ctx.reduction, ctx.grad_row_shape)
-            if ctx.traced:
-                scaled = torch.mul(grad, scale).to(grad.dtype)
-            else:
-                if ctx.used:  # second backward through this graph: the buffer was scaled
-                    if ctx.rerun is None:
-                        raise RuntimeError(
-                            "fusedloss: with inplace_backward=True the gradient can be computed once per "
-                            "forward (it overwrote the logits); run the loss again for a second backward"
-                        )
-                    grad = _ops.empty_grad(grad)
-                    ctx.rerun(grad)
-                ctx.used = True
-                scaled = grad.mul_(scale)
-        if create_graph:  # mark the gradient so that differentiating it again fails clearly
-            scaled = _NoDoubleBackward.apply(scaled.detach().requires_grad_())
-        return (scaled,) + (None,) * 11
-
-
+# ----------------------------------------------------------------------------- autograd
 class _NoDoubleBackward(torch.autograd.Function):
     """Identity on the gradient returned under create_graph=True, whose backward raises:
     the fused kernels give no second derivative (SPEC section 3). Unlike
@@ -237,37 +145,96 @@ class _NoDoubleBackward(torch.autograd.Function):
         raise RuntimeError("fusedloss: double backward (differentiating a gradient) is not implemented for fusedloss losses")
 
 
-class _CrossEntropyFn(_RowLossFn):
+def _input_grad(grad):
+    """The input's gradient as backward returns it: marked so that differentiating it again
+    (create_graph=True) fails clearly."""
+    if torch.is_grad_enabled():
+        return _NoDoubleBackward.apply(grad.detach().requires_grad_())
+    return grad
+
+
+_CONSUMED = (
+    "fusedloss: with inplace_backward=True the gradient can be computed once per forward (it "
+    "overwrote the logits); run the loss again for a second backward"
+)
+
+
+class _SoftmaxLossFn(torch.autograd.Function):
+    """Cross-entropy and softmax focal loss (SPEC section 3). The forward op reads the logits
+    once and returns the reduced loss, the "mean" denominator and four numbers per row; the
+    backward op reads the logits once more and writes the gradient once, scaled by
+    grad_output read from device memory: 2 reads + 1 write of N x C for any grad_output,
+    no host sync. Everything backward needs is in save_for_backward (saved-tensor hooks
+    see it); ctx holds only scalars, so nothing of size N x C outlives backward. With
+    inplace_backward the gradient is written into the logits' storage (no N x C buffer)."""
+
     @staticmethod
-    def forward(ctx, x, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap, reduction, inplace, backend,
-                grad_enabled):
-        # x (N, C, D); target (N, D) int64 or (N, C, D) probabilities; weight (C,); mask (N, C, D) bool
-        ctx.grad_enabled = grad_enabled
+    def forward(ctx, x, target, weight, mask, bwd_weight, op, params, softcap, reduction, inplace, backend):
+        # x (N, C, D); target (N, D) int64 or (N, C, D) probabilities; weight (C,) acc; mask
+        # (N, C, D) bool; bwd_weight: the weight backward needs (None when only the stats do);
+        # op "ce_fwd" / "focal_fwd", called as op(x, target, weight, mask, *params)
         impl = _backend.IMPLS[backend]
-        run = lambda grad: impl.ce_fwd(x, target, weight, mask, grad, ignore_index, label_smoothing, z_loss, softcap)
-        return _forward(ctx, x, run, reduction, inplace, (x.shape[0], 1, x.shape[2]))
+        out, denom, stats = getattr(impl, op)(x, target, weight, mask, *params)
+        ctx.save_for_backward(x, target, bwd_weight, mask, stats, denom)
+        ctx.softcap, ctx.reduction, ctx.inplace, ctx.backend, ctx.used = softcap, reduction, inplace, backend, False
+        return out
 
-
-class _FocalFn(_RowLossFn):
     @staticmethod
-    def forward(ctx, x, target, alpha, mask, ignore_index, gamma, reduction, backend, grad_enabled):
-        # x (N, C, D); target (N, D) int64; alpha (C,); mask (N, C, D) bool
-        ctx.grad_enabled = grad_enabled
-        impl = _backend.IMPLS[backend]
-        run = lambda grad: impl.focal_fwd(x, target, alpha, mask, grad, ignore_index, gamma)
-        return _forward(ctx, x, run, reduction, False, (x.shape[0], 1, x.shape[2]))
+    def backward(ctx, grad_out):
+        if ctx.inplace and ctx.used:  # before unpacking: the logits' version has moved on
+            raise RuntimeError(_CONSUMED)
+        x, target, weight, mask, stats, denom = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 11
+        ctx.used = True
+        grad = x.detach() if ctx.inplace else _ops.empty_grad(x)
+        _backend.IMPLS[ctx.backend].softmax_bwd(
+            grad_out, x, target, weight, mask, stats, denom, ctx.softcap, ctx.reduction, grad
+        )
+        return (_input_grad(grad),) + (None,) * 10
 
 
-class _BinaryFn(_RowLossFn):
+class _BinaryFn(torch.autograd.Function):
+    """BCE-with-logits and sigmoid focal loss. "mean" / "sum": the forward op also writes the
+    gradient for grad_output == 1 (1 read + 1 write: the whole step in the usual case), and
+    backward scales it in place by grad_output, which the kernel reads on the device and skips
+    when it is 1. "none" (per-element grad_output) and a second backward through the same
+    graph recompute the gradient from the saved input and target instead."""
+
     @staticmethod
     def forward(ctx, x, target, weight, pos_weight, gamma, alpha, reduction, backend, grad_enabled):
         # x, target (M, L); weight, pos_weight (M, L) broadcast views
-        ctx.grad_enabled = grad_enabled
         impl = _backend.IMPLS[backend]
-        reduce = reduction != "none"
-        run = lambda grad: (impl.binary_fwd(x, target, weight, pos_weight, grad, gamma, alpha, reduce), None)
-        # "mean" of an empty input is NaN, as in PyTorch (0 / 0)
-        return _forward(ctx, x, run, reduction, False, x.shape, x.numel())
+        grad = None
+        if reduction != 0 and grad_enabled and ctx.needs_input_grad[0]:
+            grad = _ops.empty_grad(x)
+        out = impl.binary_fwd(x, target, weight, pos_weight, grad, gamma, alpha, reduction, out_dtype_of(x))
+        ctx.save_for_backward(x, target, weight, pos_weight, grad)
+        ctx.gamma, ctx.alpha, ctx.reduction, ctx.backend, ctx.used = gamma, alpha, reduction, backend, False
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, target, weight, pos_weight, grad = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 9
+        impl = _backend.IMPLS[ctx.backend]
+        if grad is not None and not ctx.used:
+            # Handed out under a version counter of its own (`.data`): the caller may modify
+            # it (AccumulateGrad adds into .grad), which must not trip autograd's check of
+            # the saved copy in a second backward -- that one recomputes and never reads it.
+            grad = grad if torch.compiler.is_compiling() else grad.data
+            impl.scale_grad(grad_out, grad)
+        else:  # "none", or the forward's gradient was handed out by a first backward
+            grad = _ops.empty_grad(x)
+            impl.binary_bwd(grad_out, x, target, weight, pos_weight, ctx.gamma, ctx.alpha, ctx.reduction, grad)
+        ctx.used = True
+        return (_input_grad(grad),) + (None,) * 8
+
+
+def out_dtype_of(x):
+    """The loss dtype: the input's."""
+    return x.dtype
 
 
 # ----------------------------------------------------------------------------- cross-entropy
@@ -323,12 +290,14 @@ def cross_entropy(
     else:
         raise TypeError(f"target must be int64/int32 class indices or floating class probabilities; got {target.dtype}")
     backend = _backend_for(backend, input)
-    grad_enabled = torch.is_grad_enabled()
-    inplace = bool(inplace_backward) and input.requires_grad and grad_enabled and not torch.compiler.is_compiling()
-    out = _CrossEntropyFn.apply(
-        x, t, w, m, int(ignore_index), float(label_smoothing), float(z_loss), float(softcap or 0.0),
-        reduction, inplace, backend, grad_enabled,
-    )
+    inplace = bool(inplace_backward) and input.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    red = REDUCTION_CODES[reduction]
+    eps, zl, cap = float(label_smoothing), float(z_loss), float(softcap or 0.0)
+    params = (int(ignore_index), eps, zl, cap, red, out_dtype_of(input))
+    # backward reads the class weight only for the smoothing term (index targets) or the
+    # target term (probability targets); otherwise it is already in the row's stats
+    bwd_w = w if (eps > 0 or t.dtype.is_floating_point) else None
+    out = _SoftmaxLossFn.apply(x, t, w, m, bwd_w, "ce_fwd", params, cap, red, inplace, backend)
     return out.reshape(target_shape) if reduction == "none" else out
 
 
@@ -368,7 +337,9 @@ def focal_loss(
     x = _rows3(input)
     t = target.detach().to(torch.int64).reshape(x.shape[0], x.shape[2])
     backend = _backend_for(backend, input)
-    out = _FocalFn.apply(x, t, a, m, int(ignore_index), float(gamma), reduction, backend, torch.is_grad_enabled())
+    red = REDUCTION_CODES[reduction]
+    params = (int(ignore_index), float(gamma), red, out_dtype_of(input))
+    out = _SoftmaxLossFn.apply(x, t, a, m, None, "focal_fwd", params, 0.0, red, False, backend)
     return out.reshape(target_shape) if reduction == "none" else out
 
 
@@ -416,7 +387,8 @@ def _binary(input, target, weight, pos_weight, reduction, gamma, alpha, backend,
     y = _rows2(target.detach().to(input.dtype))
     x = _rows2(input)
     backend = _backend_for(backend, input)
-    out = _BinaryFn.apply(x, y, w, pw, float(gamma), float(alpha), reduction, backend, torch.is_grad_enabled())
+    red = REDUCTION_CODES[reduction]
+    out = _BinaryFn.apply(x, y, w, pw, float(gamma), float(alpha), red, backend, torch.is_grad_enabled())
     return out.reshape(input.shape) if reduction == "none" else out
 
 

@@ -1,9 +1,10 @@
 """Pure-PyTorch reference of the contract (the `torch` backend). See docs/formulas.md.
 
-This module is the spec in code: the same three ops as csrc/ops.cpp, with the same
-inputs and outputs, written for readability rather than speed (no fusion, several
-N x C temporaries), but vectorized -- no Python loop over rows. Everything is computed
-in the accumulation dtype (float64 for float64 input, float32 otherwise).
+This module is the spec in code: the same ops as csrc/ops.cpp, with the same inputs and
+outputs (the forward's per-row stats included, so backward is the same recomputation the
+kernels do), written for readability rather than speed (no fusion, several N x C
+temporaries), but vectorized -- no Python loop over rows. Everything is computed in the
+accumulation dtype (float64 for float64 input, float32 otherwise).
 
 Two hazards shape the code:
   * `0 * inf` is NaN. Every product whose coefficient may be 0 while the other factor may
@@ -17,7 +18,7 @@ import torch
 
 from fusedloss._ops import acc_dtype
 
-__all__ = ["ce_fwd", "focal_fwd", "binary_fwd"]
+__all__ = ["ce_fwd", "focal_fwd", "softmax_bwd", "binary_fwd", "binary_bwd", "scale_grad"]
 
 
 def _times(coef, value):
@@ -80,73 +81,88 @@ def _class_rows(x, target, ignore_index, allowed, has_nan):
     return counted, out_of_range, t_safe
 
 
-def _finish(loss, count, g, counted, out_of_range, grad, dz_dx):
-    """Zero the non-counted rows, NaN the out-of-range ones, write the gradient."""
+def _reduce(loss, count, reduction, out_dtype):
+    """(out, denom) from per-row loss and count (N, 1, D): "mean" over a zero denominator is 0
+    (SPEC rule 6)."""
+    loss, count = loss.squeeze(1), count.squeeze(1)
+    denom = count.sum()
+    if reduction == 0:
+        return loss.to(out_dtype), denom
+    total = loss.sum()
+    if reduction == 1:
+        total = torch.where(denom != 0, total / torch.where(denom != 0, denom, torch.ones_like(denom)), torch.zeros_like(total))
+    return total.to(out_dtype), denom
+
+
+def _finish(loss, count, counted, out_of_range, coefs, reduction, out_dtype):
+    """Zero the non-counted rows, NaN the out-of-range ones; stats [lse, coef_p, smooth,
+    target_coef] per row, [-inf, 0, 0, 0] for rows whose gradient is 0. Returns
+    (out, denom, stats) as csrc/ops.cpp's forward ops."""
     zero = torch.zeros_like(loss)
     loss = torch.where(counted, loss, zero)
     loss = torch.where(out_of_range, torch.full_like(loss, float("nan")), loss)
     count = torch.where(counted, count, zero)
-    if grad is not None:
-        if dz_dx is not None:
-            g = g * dz_dx
-        g = torch.where(counted, g, torch.zeros_like(g))
-        grad.copy_(g)
-    return loss.squeeze(1), count.squeeze(1)
+    stats = torch.cat([torch.broadcast_to(c, loss.shape) for c in coefs], dim=1)  # (N, 4, D)
+    dead = torch.tensor([float("-inf"), 0.0, 0.0, 0.0], dtype=loss.dtype, device=loss.device).view(1, 4, 1)
+    stats = torch.where(counted, stats, dead).permute(0, 2, 1).contiguous()  # (N, D, 4)
+    out, denom = _reduce(loss, count, reduction, out_dtype)
+    return out, denom, stats
 
 
-def ce_fwd(logits, target, weight, mask, grad, ignore_index, label_smoothing, z_loss, softcap):
-    """Cross-entropy per row. logits (N, C, D); target (N, D) int64 or (N, C, D) probabilities;
-    weight (C,) acc or None; mask (N, C, D) bool or None; grad (N, C, D) or None.
-    Returns (loss (N, D) acc, count (N, D) acc)."""
+def ce_fwd(logits, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap, reduction, out_dtype):
+    """Cross-entropy. logits (N, C, D); target (N, D) int64 or (N, C, D) probabilities;
+    weight (C,) acc or None; mask (N, C, D) bool or None. Returns (out, denom, stats)."""
     acc = acc_dtype(logits.dtype)
     x = logits.to(acc)
     eps, zl = float(label_smoothing), float(z_loss)
     allowed, z, lse, p, dz_dx, has_nan = _softmax_parts(x, mask, float(softcap))
     w = torch.ones_like(x[:1, :, :1]) if weight is None else weight.to(acc).view(1, -1, 1)  # (1, C, 1)
     n_allowed = allowed.sum(dim=1, keepdim=True).to(acc)  # |A|, (N, 1, D)
-    n_allowed_safe = torch.where(n_allowed > 0, n_allowed, torch.ones_like(n_allowed))
-    lse_minus_z = lse - z  # +inf at masked classes
+    smooth = eps / torch.where(n_allowed > 0, n_allowed, torch.ones_like(n_allowed))
+    # sums relative to the row max (lse - z_c = (m - z_c) + log s): a confident row's small
+    # loss is not a difference of two large sums
+    m = torch.amax(z, dim=1, keepdim=True)
+    ref = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    lse_minus_z = (lse - ref) - (z - ref)  # +inf at masked classes
+    w_a = torch.where(allowed, w.expand_as(x), torch.zeros_like(x))  # w_c on the allowed set A
+    w_allowed = w_a.sum(1, keepdim=True)
 
     if target.dtype.is_floating_point:
-        return _ce_prob(x, target.to(acc), w, grad, eps, zl, allowed, lse, p, dz_dx, has_nan, n_allowed_safe, lse_minus_z)
+        # y'_c = (1 - eps) y_c + smooth [c in A];  loss = sum_c w_c y'_c (lse - z_c) + zl lse^2
+        y_s = (1 - eps) * target.to(acc) + torch.where(allowed, smooth, torch.zeros_like(x))
+        coef = w * y_s  # a term with coefficient 0 is 0 even at -inf logits (rule 7)
+        loss = _times(coef, lse_minus_z).sum(1, keepdim=True)
+        coef_p = coef.sum(1, keepdim=True)
+        if zl != 0:  # unweighted for probability targets
+            loss = loss + zl * lse * lse
+            coef_p = coef_p + 2 * zl * lse
+        loss = torch.where(torch.isnan(lse), lse, loss)  # rule 8: NaN stays, whatever the weights
+        counted = allowed.any(dim=1, keepdim=True) | has_nan  # only empty rows are not counted
+        no_row = torch.zeros_like(counted)
+        keep = torch.full_like(lse, 1 - eps)
+        return _finish(loss, torch.ones_like(loss), counted, no_row, (lse, coef_p, smooth, keep), reduction, out_dtype)
 
     counted, out_of_range, t = _class_rows(x, target, ignore_index, allowed, has_nan)
-    onehot = torch.zeros_like(x).scatter_(1, t, 1.0)  # (N, C, D)
     w_t = w.expand(x.shape[0], -1, x.shape[2]).gather(1, t)  # (N, 1, D)
-
-    # Main term: (1 - eps) * w_t * (lse - z_t); +inf when the target is masked (rule 4).
+    # (1 - eps) w_t (lse - z_t), +inf when the target is masked (rule 4)
     loss = _times((1 - eps) * w_t, lse_minus_z.gather(1, t))
-    g = (1 - eps) * w_t * (p - onehot)
+    coef_p = (1 - eps) * w_t
     if eps > 0:  # uniform part over the allowed classes only (rule 5)
-        w_a = torch.where(allowed, w.expand_as(x), torch.zeros_like(x))
-        loss = loss + (eps / n_allowed_safe) * torch.where(allowed, w_a * lse_minus_z, torch.zeros_like(x)).sum(1, keepdim=True)
-        g = g + (eps / n_allowed_safe) * (w_a.sum(1, keepdim=True) * p - w_a)
+        loss = loss + smooth * torch.where(allowed, w_a * lse_minus_z, torch.zeros_like(x)).sum(1, keepdim=True)
+        coef_p = coef_p + smooth * w_allowed
+    else:
+        smooth = torch.zeros_like(lse)
     if zl != 0:  # z-loss, weighted by the target's class weight (rule 9)
         loss = loss + zl * w_t * lse * lse
-        g = g + 2 * zl * w_t * lse * p
-    return _finish(loss, w_t, g, counted, out_of_range, grad, dz_dx)
+        coef_p = coef_p + 2 * zl * w_t * lse
+    loss = torch.where(torch.isnan(lse), lse, loss)  # rule 8: NaN stays, whatever w_t is
+    coefs = (lse, coef_p, smooth, (1 - eps) * w_t)
+    return _finish(loss, w_t, counted, out_of_range, coefs, reduction, out_dtype)
 
 
-def _ce_prob(x, y, w, grad, eps, zl, allowed, lse, p, dz_dx, has_nan, n_allowed_safe, lse_minus_z):
-    """Cross-entropy with class-probability targets y (N, C, D); no ignore_index."""
-    y_s = (1 - eps) * y
-    if eps > 0:
-        y_s = y_s + torch.where(allowed, eps / n_allowed_safe, torch.zeros_like(y))
-    coef = w * y_s  # (N, C, D); a term with coefficient 0 is 0 even at -inf logits (rule 7)
-    loss = _times(coef, lse_minus_z).sum(1, keepdim=True)
-    g = coef.sum(1, keepdim=True) * p - coef
-    if zl != 0:  # unweighted for probability targets
-        loss = loss + zl * lse * lse
-        g = g + 2 * zl * lse * p
-    counted = allowed.any(dim=1, keepdim=True) | has_nan  # only empty rows are not counted
-    no_row = torch.zeros_like(counted)
-    return _finish(loss, torch.ones_like(loss), g, counted, no_row, grad, dz_dx)
-
-
-def focal_fwd(logits, target, alpha, mask, grad, ignore_index, gamma):
+def focal_fwd(logits, target, alpha, mask, ignore_index, gamma, reduction, out_dtype):
     """Softmax focal loss per row: -alpha_t * (1 - p_t)^gamma * log(p_t).
-    logits, mask, grad as ce_fwd; target (N, D) int64; alpha (C,) acc or None.
-    Returns (loss (N, D) acc, count (N, D) acc)."""
+    logits, mask as ce_fwd; target (N, D) int64; alpha (C,) acc or None."""
     acc = acc_dtype(logits.dtype)
     x = logits.to(acc)
     gamma = float(gamma)
@@ -155,11 +171,13 @@ def focal_fwd(logits, target, alpha, mask, grad, ignore_index, gamma):
     a = torch.ones_like(x[:1, :, :1]) if alpha is None else alpha.to(acc).view(1, -1, 1)
     alpha_t = a.expand(x.shape[0], -1, x.shape[2]).gather(1, t)  # (N, 1, D)
 
-    logp = z.gather(1, t) - lse  # -inf when the target is masked
+    logp = torch.clamp_max(z.gather(1, t) - lse, 0.0)  # -inf when the target is masked
+    logp = torch.where(torch.isnan(lse), lse, logp)
     p_t = torch.exp(logp)
     q = -torch.expm1(logp)  # 1 - p_t, accurate near p_t = 1
     q_g = torch.pow(q, gamma)  # pow(0, 0) == 1: gamma = 0 is cross-entropy
     loss = _times(alpha_t * q_g, -logp)
+    loss = torch.where(torch.isnan(lse), lse, loss)  # rule 8: NaN stays, whatever alpha_t is
 
     # dloss/dz_c = G * (p_c - [c == t]),  G = alpha_t * q^gamma * (1 - gamma * p_t * r),
     # r = log(p_t) / (1 - p_t) -> -1 as p_t -> 1: finite for 0 < gamma < 1 where q^(gamma-1)
@@ -167,9 +185,41 @@ def focal_fwd(logits, target, alpha, mask, grad, ignore_index, gamma):
     r = torch.where(q == 0, -torch.ones_like(q), logp / q)
     correction = torch.where(p_t == 0, torch.zeros_like(p_t), gamma * p_t * r)
     G = alpha_t * q_g * (1 - correction)
-    onehot = torch.zeros_like(x).scatter_(1, t, 1.0)
-    g = G * (p - onehot)
-    return _finish(loss, torch.ones_like(loss), g, counted, out_of_range, grad, None)
+    coefs = (lse, G, torch.zeros_like(G), G)
+    return _finish(loss, torch.ones_like(loss), counted, out_of_range, coefs, reduction, out_dtype)
+
+
+def _scale(grad_out, denom, reduction, acc):
+    """(N, 1, D) or 0-dim multiplier of the per-row gradient."""
+    go = grad_out.to(acc)
+    if reduction == 0:
+        return go.unsqueeze(1)
+    if reduction == 1:
+        d = denom.to(acc)
+        return torch.where(d != 0, go / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(go))
+    return go
+
+
+def softmax_bwd(grad_out, logits, target, weight, mask, stats, denom, softcap, reduction, grad):
+    """Backward of ce_fwd / focal_fwd from their stats (csrc/ops.cpp); writes grad."""
+    acc = acc_dtype(logits.dtype)
+    x = logits.to(acc)
+    allowed, z, _, _, dz_dx, _ = _softmax_parts(x, mask, float(softcap))
+    lse, coef_p, smooth, target_coef = (stats[..., k].unsqueeze(1) for k in range(4))  # (N, 1, D)
+    live = lse != float("-inf")
+    p = torch.where(allowed, torch.exp(z - torch.where(live, lse, torch.zeros_like(lse))), torch.zeros_like(x))
+    w = torch.ones_like(x[:1, :, :1]) if weight is None else weight.to(acc).view(1, -1, 1)
+    if target.dtype.is_floating_point:
+        y_s = target_coef * target.to(acc) + torch.where(allowed, smooth, torch.zeros_like(x))
+        g = coef_p * p - w * y_s
+    else:
+        t = torch.where(live, target.unsqueeze(1), torch.zeros_like(target.unsqueeze(1)))
+        onehot = torch.zeros_like(x).scatter_(1, t, 1.0)
+        g = coef_p * p - torch.where(allowed, smooth * w, torch.zeros_like(x)) - target_coef * onehot
+    if dz_dx is not None:
+        g = torch.where(allowed, g * dz_dx, g)
+    g = torch.where(live, g * _scale(grad_out, denom, reduction, acc), torch.zeros_like(g))
+    grad.copy_(g)
 
 
 def _softplus(v):
@@ -177,10 +227,10 @@ def _softplus(v):
     return torch.log1p(torch.exp(-v.abs())) + v.clamp_min(0)
 
 
-def binary_fwd(input, target, weight, pos_weight, grad, gamma, alpha, reduce):
+def _binary_elems(input, target, weight, pos_weight, gamma, alpha):
     """BCE-with-logits (gamma == 0 and alpha < 0) or torchvision's sigmoid focal loss, per
     element of the (M, L) view. weight, pos_weight (M, L) acc (broadcast views) or None.
-    Returns (M, L) acc, or (M,) acc (each row's sum) when reduce."""
+    Returns (loss, dloss/dx), (M, L) acc."""
     acc = acc_dtype(input.dtype)
     x = input.to(acc)
     y = target.to(acc)
@@ -212,6 +262,31 @@ def binary_fwd(input, target, weight, pos_weight, grad, gamma, alpha, reduce):
         w = weight.to(acc)
         loss = _times(w, loss)
         g = _times(w, g)
+    return loss, g
+
+
+def binary_fwd(input, target, weight, pos_weight, grad, gamma, alpha, reduction, out_dtype):
+    """Reduced loss (csrc/ops.cpp); with grad, the gradient for grad_output == 1."""
+    loss, g = _binary_elems(input, target, weight, pos_weight, gamma, alpha)
+    if reduction == 0:
+        return loss.to(out_dtype)
+    total = loss.sum()
+    if reduction == 1:  # 0 / 0 = NaN for an empty input, as PyTorch
+        total = total / loss.numel()
+        g = g * (1.0 / loss.numel())
     if grad is not None:
         grad.copy_(g)
-    return loss.sum(dim=1) if reduce else loss
+    return total.to(out_dtype)
+
+
+def binary_bwd(grad_out, input, target, weight, pos_weight, gamma, alpha, reduction, grad):
+    """grad = dloss/dx * grad_output (/ M * L for "mean"), recomputed."""
+    _, g = _binary_elems(input, target, weight, pos_weight, gamma, alpha)
+    if reduction == 1:  # as binary_fwd then scale_grad, in that order (bitwise reentrant)
+        g = g * (1.0 / g.numel())
+    grad.copy_(g * grad_out.to(g.dtype))
+
+
+def scale_grad(grad_out, grad):
+    """grad *= grad_out (the reference does not skip grad_out == 1: it moves no GPU bytes)."""
+    grad.mul_(grad_out.to(grad.dtype))

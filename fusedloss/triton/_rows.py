@@ -1,21 +1,26 @@
-"""Row machinery shared by the softmax losses (cross_entropy.py, focal.py).
+"""Row machinery shared by the softmax losses (cross_entropy.py, focal.py, softmax_bwd.py).
 
 A *row* is one sample's C logits: for a canonical (N, C, D) view, row r = (n, d) with
 n = r // D, d = r % D, and class c at n * stride_n + c * stride_c + d * stride_d. Every
 offset is formed in int64: with N * C > 2^31 (e.g. 16k tokens x 256k vocabulary)
 `row * stride` overflows int32.
 
-The helpers here are the pieces both losses need, written once:
+The helpers here are the pieces every row kernel needs, written once:
   * `_row_base`      -- int64 offset of a row's first class in a strided (N, C, D) tensor
   * `_row_kind`      -- ignored / out-of-range classification of a class-index target
   * `_logit_tile`    -- masked load of a tile of classes: logits in acc dtype, the "allowed"
                         predicate (mask True and logit != -inf), softcapped logits z and dz/dx
   * `_online_merge`  -- merges a tile into a running (max, sum exp) pair, -inf safe
+  * `_relative_sum`  -- a running sum of w_c (z_c - max) that follows the running max
   * `_row_lse`       -- log-sum-exp of the merged pair, NaN when the row held a NaN
+  * `_store_stats`   -- the four per-row numbers backward reads (csrc/ops.cpp)
   * `_pow`           -- q ** gamma with the focal conventions (q^0 = 1)
   * `_expm1`         -- accurate exp(x) - 1 (tl has no expm1 on every version)
   * `_scalar`        -- a float64 scalar argument in the accumulation dtype
+and, for the launchers, `_reduce_rows`: the deterministic reduction of per-row (or
+per-program) losses into the "mean" / "sum" output, one single-program launch.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -81,7 +86,8 @@ def _logit_tile(
     load_ok,  # (BLOCK_C,) bool: in bounds and the row needs its logits
     stride_c,  # logits class stride
     stride_mc,  # mask class stride (0 when the mask broadcasts over classes)
-    softcap,  # cap > 0, or 0 = no softcap (runtime; constexpr 0.0 compiles it out)
+    softcap,  # cap > 0 (read only with HAS_SOFTCAP)
+    HAS_SOFTCAP: tl.constexpr,  # apply the softcap
     ACC: tl.constexpr,  # accumulation dtype
 ):
     """Returns (x, allowed, z, dzdx) for a tile, in ACC.
@@ -98,8 +104,8 @@ def _logit_tile(
         allowed = allowed & (tl.load(mask_row_ptr + cols64 * stride_mc, mask=load_ok, other=0) != 0)
     z = x
     dzdx = tl.full(x.shape, 1.0, ACC)
-    if softcap > 0:
-        z, dzdx = _softcap(x, softcap)
+    if HAS_SOFTCAP:
+        z, dzdx = _softcap(x, _scalar(softcap, ACC))
     z = tl.where(allowed, z, float("-inf"))
     return x, allowed, z, dzdx
 
@@ -119,6 +125,33 @@ def _online_merge(m, s, z):
 
 
 @triton.jit
+def _relative_sum(total, weight, m_old, m_new, w, z):
+    """Running S = sum w_c (z_c - ref) over the tiles seen, ref the running max (0 while it
+    is -inf), merged with one tile; `weight` = sum w_c over the earlier tiles, m_old / m_new
+    the running max before / after this tile.
+
+    Summed raw, sum w_c z_c cancels against lse * sum w_c in the loss: on a confident float32
+    row (logits ~30, 128k classes) that loses most digits of a small loss. Relative to the
+    max every term is small, and moving the reference from ref_old to ref_new shifts S by
+    weight * (ref_old - ref_new). A term with w_c == 0 is 0 even at z_c = -inf (0 log 0 = 0);
+    w_c != 0 at a masked class makes S -inf, as it must (loss +inf)."""
+    ref_old = tl.where(m_old == float("-inf"), 0.0, m_old)
+    ref_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    shift = tl.where(weight == 0, 0.0, weight * (ref_old - ref_new))
+    return total + shift + tl.sum(tl.where(w != 0, w * (z - ref_new), 0.0), 0)
+
+
+@triton.jit
+def _store_stats(stats_ptr, row, counted, lse, coef_p, smooth, target_coef):
+    """stats[row] = [lse, coef_p, smooth, target_coef] (csrc/ops.cpp), or [-inf, 0, 0, 0]
+    for a row whose gradient is exactly 0 (backward then reads none of its logits)."""
+    k = tl.arange(0, 4)
+    v = tl.where(k == 0, lse, tl.where(k == 1, coef_p, tl.where(k == 2, smooth, target_coef)))
+    v = tl.where(counted, v, tl.where(k == 0, float("-inf"), 0.0))
+    tl.store(stats_ptr + row.to(tl.int64) * 4 + k, v)
+
+
+@triton.jit
 def _row_lse(m, s):
     """log-sum-exp of the merged row. -inf for an all-masked row (s == 0); NaN when an
     allowed class held NaN: exp(NaN - m) made s NaN, and a NaN in a sum stays (whatever
@@ -134,3 +167,60 @@ def _pow(q, gamma):
     qg = tl.exp(gamma * tl.log(q))
     qg = tl.where(gamma == 2.0, q * q, qg)
     return tl.where(gamma == 0.0, 1.0, qg)
+
+
+@triton.jit
+def _reduce_kernel(
+    loss_ptr,  # (n,) per-row (or per-program) losses, acc
+    count_ptr,  # (n,) per-row counts, acc; None: "mean" divides by `numel`
+    out_ptr,  # () the mean or sum, output dtype
+    denom_ptr,  # () acc, the "mean" denominator (sum of counts, or numel)
+    n,  # number of values
+    numel,  # elementwise losses: the "mean" denominator (float64)
+    MEAN: tl.constexpr,  # "mean" (else "sum")
+    BLOCK: tl.constexpr,  # values per step
+):
+    """One program sums the n values in a fixed order (BLOCK-wide tree sums, accumulated in
+    sequence): the same input gives bitwise the same output, with no atomics."""
+    ACC: tl.constexpr = denom_ptr.dtype.element_ty
+    total = tl.zeros([BLOCK], ACC)
+    cnt = tl.zeros([BLOCK], ACC)
+    for start in range(0, n, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        total += tl.load(loss_ptr + i, mask=i < n, other=0.0)
+        if count_ptr is not None:
+            cnt += tl.load(count_ptr + i, mask=i < n, other=0.0)
+    total_s = tl.sum(total, 0)
+    if count_ptr is not None:
+        denom = tl.sum(cnt, 0)
+    else:
+        denom = _scalar(numel, ACC)
+    out = total_s
+    if MEAN:
+        if count_ptr is not None:  # SPEC rule 6: a mean over zero counted rows is 0
+            out = tl.where(denom != 0, total_s / tl.where(denom != 0, denom, 1.0), 0.0)
+        else:  # elementwise: 0 / 0 = NaN for an empty input, as PyTorch
+            out = total_s / denom
+    tl.store(out_ptr, out.to(out_ptr.dtype.element_ty))
+    tl.store(denom_ptr, denom)
+
+
+REDUCE_BLOCK = 1024
+
+
+def _reduce_rows(loss, count, reduction, out_dtype, numel=0):
+    """(out, denom) from per-row losses (and counts): reduction 0 returns `loss` itself (the
+    kernel wrote it in the output dtype) and an unused denom; 1 / 2 one launch of
+    `_reduce_kernel`."""
+    denom = torch.empty((), dtype=acc_dtype_of(loss, count), device=loss.device)
+    if reduction == 0:
+        return loss, denom
+    out = torch.empty((), dtype=out_dtype, device=loss.device)
+    _reduce_kernel[(1,)](
+        loss, count, out, denom, loss.numel(), float(numel), MEAN=reduction == 1, BLOCK=REDUCE_BLOCK, num_warps=4
+    )
+    return out, denom
+
+
+def acc_dtype_of(loss, count):
+    return count.dtype if count is not None else loss.dtype

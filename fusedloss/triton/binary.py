@@ -1,12 +1,19 @@
-"""BCE-with-logits and torchvision's sigmoid focal loss in Triton: `_binary_fwd_kernel` ->
-`binary_fwd` (launcher) -> op `fusedloss::binary_fwd_triton` (__init__.py).
+"""BCE-with-logits and torchvision's sigmoid focal loss in Triton: `_binary_fwd_kernel`,
+`_binary_bwd_kernel`, `_scale_grad_kernel` -> launchers `binary_fwd`, `binary_bwd`,
+`scale_grad` -> ops `fusedloss::*_triton` (__init__.py).
 
 Elementwise over a strided (M, L) view, in (BLOCK_M, BLOCK_L) tiles: BLOCK_M > 1 only for
 short rows (an (N, 1) input would otherwise give one program per element). Program (i, k)
-handles `tiles` tiles of rows block i, left to right; with reduce it writes each row's sum
-over its columns to a (M, K) partial buffer that the launcher sums over k (a fixed, shape-determined order: the result
-is bitwise reproducible, no atomics). One read of input/target (and weights), one write of
-the gradient and of the loss (or of M * K partials). Formulas: docs/formulas.md.
+handles `tiles` tiles of rows block i, left to right.
+
+The training step ("mean" / "sum"): the forward reads input and target once, writes the
+gradient for grad_output == 1 (divided by M * L for "mean") and one partial sum per
+program, which one more launch (_reduce_rows) sums in a fixed order (bitwise
+reproducible, no atomics). Backward is `_scale_grad_kernel`: it reads grad_output from
+device memory and returns at once when it is 1, so the usual step moves 1 read + 1 write
+of the input's size (target aside); any other grad_output costs one read + write more.
+"none", and a second backward through the same graph, recompute: `_binary_bwd_kernel`
+reads input, target and grad_output and writes the gradient. Formulas: docs/formulas.md.
 """
 import torch
 import triton
@@ -14,7 +21,7 @@ import triton.language as tl
 
 from fusedloss._ops import acc_dtype
 from fusedloss.triton._launch import binary_config
-from fusedloss.triton._rows import _pow, _scalar
+from fusedloss.triton._rows import _pow, _reduce_rows, _scalar
 
 
 @triton.jit
@@ -71,14 +78,32 @@ def _binary_elem(x, y, w, pw, alpha, gamma, FOCAL: tl.constexpr):
 
 
 @triton.jit
+def _binary_tile(
+    x_ptr, y_ptr, w_ptr, pw_ptr, rows, cols, ok,
+    stride_xm, stride_xl, stride_ym, stride_yl, stride_wm, stride_wl, stride_pm, stride_pl,
+    alpha, gamma, FOCAL: tl.constexpr, ACC: tl.constexpr,
+):
+    """Loads one (BLOCK_M, BLOCK_L) tile of the operands; returns (loss, dloss/dx) in ACC."""
+    x = tl.load(x_ptr + rows * stride_xm + cols * stride_xl, mask=ok, other=0.0).to(ACC)
+    y = tl.load(y_ptr + rows * stride_ym + cols * stride_yl, mask=ok, other=0.0).to(ACC)
+    w = tl.full(x.shape, 1.0, ACC)
+    if w_ptr is not None:
+        w = tl.load(w_ptr + rows * stride_wm + cols * stride_wl, mask=ok, other=0.0).to(ACC)
+    pw = tl.full(x.shape, 1.0, ACC)
+    if pw_ptr is not None:
+        pw = tl.load(pw_ptr + rows * stride_pm + cols * stride_pl, mask=ok, other=0.0).to(ACC)
+    return _binary_elem(x, y, w, pw, alpha, gamma, FOCAL)
+
+
+@triton.jit
 def _binary_fwd_kernel(
     # pointers
     x_ptr,  # (M, L) logits: float16 / bfloat16 / float32 / float64
     y_ptr,  # (M, L) targets, logits' dtype
     w_ptr,  # (M, L) acc weight (0 strides where broadcast); None = all 1
     pw_ptr,  # (M, L) acc pos_weight (0 strides where broadcast); None = all 1
-    grad_ptr,  # (M, L) logits' dtype, dloss/dx per element; None without WRITE_GRAD
-    out_ptr,  # REDUCE: (M, K) acc partial row sums; else (M, L) acc per-element loss
+    grad_ptr,  # (M, L) logits' dtype, d(reduced loss)/dx for grad_output 1; None: no gradient
+    out_ptr,  # "none": (M, L) per-element loss, output dtype; else (programs,) acc partial sums
     # strides
     stride_xm,  # logits, row
     stride_xl,  # logits, column
@@ -90,8 +115,6 @@ def _binary_fwd_kernel(
     stride_pl,  # pos_weight, column
     stride_gm,  # grad, row
     stride_gl,  # grad, column
-    stride_om,  # out, row
-    stride_ol,  # out, column (partial index k with REDUCE)
     # sizes
     M,  # rows
     L,  # row length
@@ -99,70 +122,174 @@ def _binary_fwd_kernel(
     # scalars
     gamma: tl.float64,  # focal gamma >= 0 (unused for BCE)
     alpha: tl.float64,  # focal alpha, < 0 = no alpha term (unused for BCE)
+    grad_scale: tl.float64,  # 1 / (M * L) for "mean", 1 for "sum"
     # meta-parameters
     FOCAL: tl.constexpr,  # sigmoid focal (False: plain BCE, gamma == 0 and alpha < 0)
-    WRITE_GRAD: tl.constexpr,  # write dloss/dx
-    REDUCE: tl.constexpr,  # write per-program partial sums instead of per-element losses
+    REDUCE: tl.constexpr,  # write one partial sum per program instead of per-element losses
     BLOCK_M: tl.constexpr,  # rows per tile (> 1 only for short rows)
     BLOCK_L: tl.constexpr,  # columns per tile
 ):
     rows = (tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]  # (BLOCK_M, 1)
     part = tl.program_id(1).to(tl.int64)
-    ACC: tl.constexpr = out_ptr.dtype.element_ty
+    ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     a = _scalar(alpha, ACC)
     gm = _scalar(gamma, ACC)
     total = tl.zeros([BLOCK_M, BLOCK_L], ACC)
     for i in range(tiles):
         cols = ((part * tiles + i) * BLOCK_L + tl.arange(0, BLOCK_L))[None, :]  # (1, BLOCK_L) int64
         ok = (rows < M) & (cols < L)
-        x = tl.load(x_ptr + rows * stride_xm + cols * stride_xl, mask=ok, other=0.0).to(ACC)
-        y = tl.load(y_ptr + rows * stride_ym + cols * stride_yl, mask=ok, other=0.0).to(ACC)
-        w = tl.full([BLOCK_M, BLOCK_L], 1.0, ACC)
-        if w_ptr is not None:
-            w = tl.load(w_ptr + rows * stride_wm + cols * stride_wl, mask=ok, other=0.0).to(ACC)
-        pw = tl.full([BLOCK_M, BLOCK_L], 1.0, ACC)
-        if pw_ptr is not None:
-            pw = tl.load(pw_ptr + rows * stride_pm + cols * stride_pl, mask=ok, other=0.0).to(ACC)
-        loss, grad = _binary_elem(x, y, w, pw, a, gm, FOCAL)
-        if WRITE_GRAD:
+        loss, grad = _binary_tile(
+            x_ptr, y_ptr, w_ptr, pw_ptr, rows, cols, ok,
+            stride_xm, stride_xl, stride_ym, stride_yl, stride_wm, stride_wl, stride_pm, stride_pl,
+            a, gm, FOCAL, ACC,
+        )  # fmt: skip
+        if grad_ptr is not None:
+            grad = grad * _scalar(grad_scale, ACC)
             tl.store(grad_ptr + rows * stride_gm + cols * stride_gl, grad.to(grad_ptr.dtype.element_ty), mask=ok)
         if REDUCE:
             total += tl.where(ok, loss, 0.0)
         else:
-            tl.store(out_ptr + rows * stride_om + cols * stride_ol, loss, mask=ok)
+            tl.store(out_ptr + rows * L + cols, loss.to(out_ptr.dtype.element_ty), mask=ok)
     if REDUCE:
-        # (BLOCK_M,) row sums of this program's columns, in a fixed order
-        tl.store(out_ptr + rows * stride_om + part * stride_ol, tl.sum(total, 1)[:, None], mask=rows < M)
+        # this program's sum, in a fixed order
+        pid = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + part
+        tl.store(out_ptr + pid, tl.sum(tl.sum(total, 1), 0))
 
 
-def binary_fwd(input, target, weight, pos_weight, grad, gamma, alpha, reduce):
-    """Launcher. input, target (M, L); weight, pos_weight (M, L) acc views or None; grad
-    (M, L) or None. Returns (M,) row sums (reduce) or (M, L) losses, in acc."""
-    m, l = input.shape
-    acc = acc_dtype(input.dtype)
-    block_m, block_l, num_warps, tiles = binary_config(l, input.dtype)
+@triton.jit
+def _binary_bwd_kernel(
+    # pointers
+    x_ptr,  # (M, L) logits
+    y_ptr,  # (M, L) targets, logits' dtype
+    w_ptr,  # (M, L) acc weight (0 strides where broadcast); None = all 1
+    pw_ptr,  # (M, L) acc pos_weight (0 strides where broadcast); None = all 1
+    go_ptr,  # grad_output: (M, L) any strides ("none") or () ("mean", "sum"), any float dtype
+    grad_ptr,  # (M, L) logits' dtype, written
+    # strides
+    stride_xm,  # logits, row
+    stride_xl,  # logits, column
+    stride_ym,  # target, row
+    stride_yl,  # target, column
+    stride_wm,  # weight, row
+    stride_wl,  # weight, column
+    stride_pm,  # pos_weight, row
+    stride_pl,  # pos_weight, column
+    stride_om,  # grad_output, row (0 for a 0-dim grad_output)
+    stride_ol,  # grad_output, column
+    stride_gm,  # grad, row
+    stride_gl,  # grad, column
+    # sizes
+    M,  # rows
+    L,  # row length
+    tiles,  # tiles per program
+    # scalars
+    gamma: tl.float64,  # focal gamma >= 0 (unused for BCE)
+    alpha: tl.float64,  # focal alpha, < 0 = no alpha term (unused for BCE)
+    grad_scale: tl.float64,  # 1 / (M * L) for "mean", else 1
+    # meta-parameters
+    FOCAL: tl.constexpr,  # sigmoid focal (False: plain BCE)
+    BLOCK_M: tl.constexpr,  # rows per tile
+    BLOCK_L: tl.constexpr,  # columns per tile
+):
+    rows = (tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
+    part = tl.program_id(1).to(tl.int64)
+    ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    a = _scalar(alpha, ACC)
+    gm = _scalar(gamma, ACC)
+    for i in range(tiles):
+        cols = ((part * tiles + i) * BLOCK_L + tl.arange(0, BLOCK_L))[None, :]
+        ok = (rows < M) & (cols < L)
+        _, grad = _binary_tile(
+            x_ptr, y_ptr, w_ptr, pw_ptr, rows, cols, ok,
+            stride_xm, stride_xl, stride_ym, stride_yl, stride_wm, stride_wl, stride_pm, stride_pl,
+            a, gm, FOCAL, ACC,
+        )  # fmt: skip
+        go = tl.load(go_ptr + rows * stride_om + cols * stride_ol, mask=ok, other=0.0).to(ACC)
+        # the forward's (grad * grad_scale) then scale_grad's * go, in that order: a second
+        # backward gives bitwise the first one's gradient (gradcheck's reentrancy check)
+        grad = (grad * _scalar(grad_scale, ACC)) * go
+        tl.store(grad_ptr + rows * stride_gm + cols * stride_gl, grad.to(grad_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _scale_grad_kernel(
+    go_ptr,  # () grad_output, any float dtype
+    grad_ptr,  # (numel,) contiguous gradient, scaled in place
+    numel,  # elements
+    BLOCK: tl.constexpr,  # elements per program
+):
+    """grad *= grad_output; a program returns before touching grad when grad_output == 1
+    (the device-side check that keeps the usual step at 1 read + 1 write)."""
+    ACC: tl.constexpr = tl.float64 if grad_ptr.dtype.element_ty == tl.float64 else tl.float32
+    go = tl.load(go_ptr).to(ACC)
+    if go != 1:
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < numel
+        g = tl.load(grad_ptr + i, mask=ok).to(ACC)
+        tl.store(grad_ptr + i, (g * go).to(grad_ptr.dtype.element_ty), mask=ok)
+
+
+def _grid(m, l, dtype):
+    """(block_m, block_l, num_warps, tiles, grid) of the elementwise kernels."""
+    block_m, block_l, num_warps, tiles = binary_config(l, dtype)
     tiles = min(tiles, triton.cdiv(l, block_l))  # short rows: no fully masked tiles
     tiles = max(tiles, triton.cdiv(l, block_l * 65535))  # grid dim 1 holds at most 65535
     parts = max(triton.cdiv(l, block_l * tiles), 1)
-    if reduce:
-        out = torch.empty((m, parts), dtype=acc, device=input.device)
+    return block_m, block_l, num_warps, tiles, (triton.cdiv(m, block_m), parts)
+
+
+def _operand_strides(t):
+    return t.stride() if t is not None else (0, 0)
+
+
+def binary_fwd(input, target, weight, pos_weight, grad, gamma, alpha, reduction, out_dtype):
+    """Launcher, as the op fusedloss::binary_fwd (csrc/ops.cpp). input, target (M, L);
+    weight, pos_weight (M, L) acc views or None; grad (M, L) or None (reduction 1, 2)."""
+    m, l = input.shape
+    acc = acc_dtype(input.dtype)
+    block_m, block_l, num_warps, tiles, grid = _grid(m, l, input.dtype)
+    if reduction == 0:
+        out = torch.empty((m, l), dtype=out_dtype, device=input.device)
     else:
-        out = torch.empty((m, l), dtype=acc, device=input.device)
+        out = torch.empty((grid[0] * grid[1] if m * l else 0,), dtype=acc, device=input.device)
+    if m * l > 0:
+        _binary_fwd_kernel[grid](
+            input, target, weight, pos_weight, grad, out,
+            *input.stride(), *target.stride(), *_operand_strides(weight), *_operand_strides(pos_weight),
+            *_operand_strides(grad),
+            m, l, tiles,
+            float(gamma), float(alpha), 1.0 / (m * l) if reduction == 1 else 1.0,
+            FOCAL=not (gamma == 0 and alpha < 0), REDUCE=reduction != 0,
+            BLOCK_M=block_m, BLOCK_L=block_l, num_warps=num_warps,
+        )  # fmt: skip
+    if reduction == 0:
+        return out
+    return _reduce_rows(out, None, reduction, out_dtype, numel=m * l)[0]
+
+
+def binary_bwd(grad_out, input, target, weight, pos_weight, gamma, alpha, reduction, grad):
+    """Launcher, as the op fusedloss::binary_bwd: grad = dloss/dx * grad_output (recomputed)."""
+    m, l = input.shape
     if m * l == 0:
-        return out.zero_().sum(1) if reduce else out
-    w_strides = weight.stride() if weight is not None else (0, 0)
-    p_strides = pos_weight.stride() if pos_weight is not None else (0, 0)
-    g_strides = grad.stride() if grad is not None else (0, 0)
-    focal = not (gamma == 0 and alpha < 0)
-    _binary_fwd_kernel[(triton.cdiv(m, block_m), parts)](
-        input, target, weight, pos_weight, grad, out,
-        *input.stride(), *target.stride(), *w_strides, *p_strides, *g_strides, *out.stride(),
+        return
+    block_m, block_l, num_warps, tiles, grid = _grid(m, l, input.dtype)
+    go_strides = grad_out.stride() if reduction == 0 else (0, 0)
+    _binary_bwd_kernel[grid](
+        input, target, weight, pos_weight, grad_out, grad,
+        *input.stride(), *target.stride(), *_operand_strides(weight), *_operand_strides(pos_weight),
+        *go_strides, *grad.stride(),
         m, l, tiles,
-        float(gamma), float(alpha),
-        FOCAL=focal, WRITE_GRAD=grad is not None, REDUCE=bool(reduce),
-        BLOCK_M=block_m, BLOCK_L=block_l, num_warps=num_warps,
+        float(gamma), float(alpha), 1.0 / (m * l) if reduction == 1 else 1.0,
+        FOCAL=not (gamma == 0 and alpha < 0), BLOCK_M=block_m, BLOCK_L=block_l, num_warps=num_warps,
     )  # fmt: skip
-    if reduce:
-        # a fixed-order sum over the K partials of each row (deterministic, no atomics)
-        return out[:, 0] if parts == 1 else out.sum(1)
-    return out
+
+
+SCALE_BLOCK = 4096
+
+
+def scale_grad(grad_out, grad):
+    """Launcher, as the op fusedloss::scale_grad: grad *= grad_out unless grad_out == 1."""
+    n = grad.numel()
+    if n == 0:
+        return
+    _scale_grad_kernel[(triton.cdiv(n, SCALE_BLOCK),)](grad_out, grad, n, BLOCK=SCALE_BLOCK, num_warps=4)

@@ -1,8 +1,8 @@
 """Softmax focal loss in Triton: `_focal_fwd_kernel` -> `focal_fwd` (launcher) -> op
-`fusedloss::focal_fwd_triton` (__init__.py).
+`fusedloss::focal_fwd_triton` (__init__.py). Backward: softmax_bwd.py, as cross-entropy.
 
-Same row machinery as cross-entropy (fusedloss/triton/_rows.py): one program per row,
-pass 1 an online log-sum-exp, pass 2 (with a gradient) one write of the gradient.
+Same row machinery as cross-entropy (fusedloss/triton/_rows.py): one program per row, one
+online log-sum-exp pass; the per-row stats carry the focal factor G to the backward.
 Row loss alpha_t * (1 - p_t)^gamma * -log(p_t); formulas in docs/formulas.md.
 """
 import torch
@@ -11,7 +11,9 @@ import triton.language as tl
 
 from fusedloss._ops import acc_dtype
 from fusedloss.triton._launch import row_config
-from fusedloss.triton._rows import _expm1, _logit_tile, _scalar, _online_merge, _pow, _row_base, _row_kind, _row_lse
+from fusedloss.triton._rows import (
+    _expm1, _logit_tile, _online_merge, _pow, _reduce_rows, _row_base, _row_kind, _row_lse, _scalar, _store_stats,
+)
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
@@ -21,9 +23,9 @@ def _focal_fwd_kernel(
     target_ptr,  # (N, D) int64 class indices
     alpha_ptr,  # (C,) acc per-class alpha, contiguous; None = all 1
     mask_ptr,  # (N, C, D) bool, True = class allowed; None = all allowed
-    grad_ptr,  # (N, C, D) logits' dtype, d(row loss)/d(logits); None without WRITE_GRAD
-    loss_ptr,  # (N * D,) acc, row loss
+    loss_ptr,  # (N * D,) row loss: the output dtype (reduction "none") or acc (reduced later)
     count_ptr,  # (N * D,) acc, 1 for counted rows
+    stats_ptr,  # (N * D, 4) acc: lse, G, 0, G
     # strides
     stride_xn,  # logits, sample
     stride_xc,  # logits, class
@@ -33,9 +35,6 @@ def _focal_fwd_kernel(
     stride_mn,  # mask, sample (0 where the mask broadcasts)
     stride_mc,  # mask, class
     stride_md,  # mask, position
-    stride_gn,  # grad, sample
-    stride_gc,  # grad, class
-    stride_gd,  # grad, position
     # sizes
     C,  # number of classes
     D,  # positions per sample
@@ -43,11 +42,10 @@ def _focal_fwd_kernel(
     ignore_index,  # target value of ignored rows (may be negative)
     gamma: tl.float64,  # focusing parameter >= 0
     # meta-parameters
-    WRITE_GRAD: tl.constexpr,  # run pass 2 and write the gradient
     BLOCK_C: tl.constexpr,  # classes per tile
 ):
     row = tl.program_id(0)
-    ACC: tl.constexpr = loss_ptr.dtype.element_ty
+    ACC: tl.constexpr = count_ptr.dtype.element_ty
     g_pow = _scalar(gamma, ACC)
 
     t = tl.load(target_ptr + _row_base(row, D, stride_tn, stride_td))
@@ -58,18 +56,18 @@ def _focal_fwd_kernel(
     m_row = None
     if mask_ptr is not None:
         m_row = mask_ptr + _row_base(row, D, stride_mn, stride_md)
-    x_t, allowed_t, z_t, dzdx_t = _logit_tile(x_row, m_row, t, live, stride_xc, stride_mc, 0.0, ACC)
+    _, _, z_t, _ = _logit_tile(x_row, m_row, t, live, stride_xc, stride_mc, 0.0, False, ACC)
     alpha_t = tl.full([], 1.0, ACC)
     if alpha_ptr is not None:
         alpha_t = tl.load(alpha_ptr + t, mask=live, other=0.0).to(ACC)
 
-    # ---- pass 1: online log-sum-exp
+    # ---- one pass: online log-sum-exp
     m = tl.full([], float("-inf"), ACC)
     s = tl.zeros([], ACC)
     n_cols = tl.where(live, C, 0)
     for start in range(0, n_cols, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
-        _, _, z, _ = _logit_tile(x_row, m_row, cols, cols < C, stride_xc, stride_mc, 0.0, ACC)
+        _, _, z, _ = _logit_tile(x_row, m_row, cols, cols < C, stride_xc, stride_mc, 0.0, False, ACC)
         m, s = _online_merge(m, s, z)
     lse = _row_lse(m, s)
     counted = live & (s != 0)  # s == 0: empty row (no allowed class, no NaN)
@@ -82,51 +80,42 @@ def _focal_fwd_kernel(
     q = -_expm1(logp)
     qg = _pow(q, g_pow)
     loss = tl.where(alpha_t == 0, 0.0, -alpha_t * qg * logp)  # masked target: +inf
+    loss = tl.where(lse != lse, float("nan"), loss)  # NaN row with alpha_t = 0 stays visible
     loss = tl.where(counted, loss, 0.0)
     loss = tl.where(out_of_range, float("nan"), loss)
-    tl.store(loss_ptr + row, loss)
+    tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
     tl.store(count_ptr + row, tl.where(counted, 1.0, 0.0).to(ACC))
 
-    # ---- pass 2. With dp/dz_c = p (delta_ct - p_c):
+    # Gradient. With dp/dz_c = p (delta_ct - p_c):
     #   dloss/dp   = alpha_t (gamma q^(gamma-1) logp - q^gamma / p)
     #   dloss/dz_c = dloss/dp * p (delta_ct - p_c) = G (p_c - delta_ct),
     #   G = alpha_t q^gamma (1 - gamma p r),  r = logp / q
     # r -> -1 as p -> 1 (q -> 0), so G stays finite for 0 < gamma < 1 where q^(gamma-1)
     # alone overflows. Masked target: p = 0, G = alpha_t (r would be -inf / 1: set 0).
-    if WRITE_GRAD:
-        r = tl.where(q == 0, -1.0, tl.where(p == 0, 0.0, logp / q))
-        G = alpha_t * qg * (1.0 - g_pow * p * r)
-        g_row = grad_ptr + _row_base(row, D, stride_gn, stride_gd)
-        n_cols = tl.where(counted, C, 0)  # rows with a zero gradient read no logits
-        for start in range(0, C, BLOCK_C):
-            cols = start + tl.arange(0, BLOCK_C)
-            in_row = cols < C
-            _, _, z, _ = _logit_tile(x_row, m_row, cols, cols < n_cols, stride_xc, stride_mc, 0.0, ACC)
-            g = tl.exp(z - lse)
-            g = G * tl.where(cols == t, g - 1.0, g)
-            g = tl.where(counted, g, 0.0)
-            tl.store(g_row + cols.to(tl.int64) * stride_gc, g.to(grad_ptr.dtype.element_ty), mask=in_row)
+    # In the stats' terms: coef_p = target_coef = G, smooth = 0.
+    r = tl.where(q == 0, -1.0, tl.where(p == 0, 0.0, logp / q))
+    G = alpha_t * qg * (1.0 - g_pow * p * r)
+    _store_stats(stats_ptr, row, counted, lse, G, tl.zeros([], ACC), G)
 
 
-def focal_fwd(logits, target, alpha, mask, grad, ignore_index, gamma):
+def focal_fwd(logits, target, alpha, mask, ignore_index, gamma, reduction, out_dtype):
     """Launcher. logits (N, C, D); target (N, D) int64; alpha (C,) acc or None; mask
-    (N, C, D) bool or None; grad (N, C, D) or None. Returns (loss, count), each (N, D) acc."""
+    (N, C, D) bool or None. Returns (out, denom, stats) as the op fusedloss::focal_fwd."""
     n, c, d = logits.shape
     acc = acc_dtype(logits.dtype)
-    loss = torch.empty((n, d), dtype=acc, device=logits.device)
-    count = torch.empty((n, d), dtype=acc, device=logits.device)
-    if n * d == 0:
-        return loss, count
-    block_c, num_warps = row_config(c, logits.dtype)
-    m_strides = mask.stride() if mask is not None else (0, 0, 0)
-    g_strides = grad.stride() if grad is not None else (0, 0, 0)
-    if alpha is not None:
-        alpha = alpha.contiguous()
-    _focal_fwd_kernel[(n * d,)](
-        logits, target, alpha, mask, grad, loss, count,
-        *logits.stride(), *target.stride(), *m_strides, *g_strides,
-        c, d,
-        int(ignore_index), float(gamma),
-        WRITE_GRAD=grad is not None, BLOCK_C=block_c, num_warps=num_warps,
-    )  # fmt: skip
-    return loss, count
+    dev = logits.device
+    loss = torch.empty((n, d), dtype=out_dtype if reduction == 0 else acc, device=dev)
+    count = torch.empty((n, d), dtype=acc, device=dev)
+    stats = torch.empty((n, d, 4), dtype=acc, device=dev)
+    if n * d > 0:
+        block_c, num_warps = row_config(c, logits.dtype)
+        m_strides = mask.stride() if mask is not None else (0, 0, 0)
+        _focal_fwd_kernel[(n * d,)](
+            logits, target, alpha, mask, loss, count, stats,
+            *logits.stride(), *target.stride(), *m_strides,
+            c, d,
+            int(ignore_index), float(gamma),
+            BLOCK_C=block_c, num_warps=num_warps,
+        )  # fmt: skip
+    out, denom = _reduce_rows(loss, count, reduction, out_dtype)
+    return out, denom, stats
