@@ -38,15 +38,16 @@ def _expm1(x):
 
 
 @triton.jit
-def _softcap(x, cap):
-    """z = cap * tanh(x / cap) and dz/dx = 1 - tanh(x / cap)^2, both accurate for every x.
+def _softcap(x, cap, inv_cap):
+    """z = cap * tanh(x / cap) and dz/dx = 1 - tanh(x / cap)^2, both accurate for every x
+    (inv_cap = 1 / cap, one division per tile rather than one per element).
 
     With a = |x| / cap and e = exp(-2a) (in (0, 1], never overflows):
         tanh(a)     = (1 - e) / (1 + e) = -expm1(-2a) / (2 + expm1(-2a))
         1 - tanh^2  = 4e / (1 + e)^2
     expm1 keeps tanh accurate for tiny a; at large a, e -> 0, tanh -> 1, dz/dx -> 0.
     """
-    a = tl.abs(x) / cap
+    a = tl.abs(x) * inv_cap
     em1 = _expm1(-2.0 * a)
     t = -em1 / (2.0 + em1)
     t = tl.where(x < 0, -t, t)
@@ -64,9 +65,13 @@ def _scalar(v, ACC: tl.constexpr):
 
 @triton.jit
 def _row_base(row, D, stride_n, stride_d):
-    """int64 offset of class 0 of row `row` = (n, d) in a strided (N, C, D) tensor."""
-    row64 = row.to(tl.int64)
-    return (row64 // D) * stride_n + (row64 % D) * stride_d
+    """int64 offset of class 0 of row `row` = (n, d) in a strided (N, C, D) tensor. The
+    row index and D fit in int32 (a grid dimension does), so n and d are found in int32 (a
+    64-bit division is a slow subroutine with a stack frame) and widened before the
+    multiplications, which can overflow int32."""
+    n = row // D
+    d = row - n * D
+    return n.to(tl.int64) * stride_n + d.to(tl.int64) * stride_d
 
 
 @triton.jit
@@ -105,7 +110,8 @@ def _logit_tile(
     z = x
     dzdx = tl.full(x.shape, 1.0, ACC)
     if HAS_SOFTCAP:
-        z, dzdx = _softcap(x, _scalar(softcap, ACC))
+        cap = _scalar(softcap, ACC)
+        z, dzdx = _softcap(x, cap, 1.0 / cap)
     z = tl.where(allowed, z, float("-inf"))
     return x, allowed, z, dzdx
 
@@ -176,7 +182,7 @@ def _reduce_kernel(
     out_ptr,  # () the mean or sum, output dtype
     denom_ptr,  # () acc, the "mean" denominator (sum of counts, or numel)
     n,  # number of values
-    numel,  # elementwise losses: the "mean" denominator (float64)
+    numel: tl.float64,  # elementwise losses: the "mean" denominator
     MEAN: tl.constexpr,  # "mean" (else "sum")
     BLOCK: tl.constexpr,  # values per step
 ):

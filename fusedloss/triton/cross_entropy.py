@@ -90,7 +90,7 @@ def _ce_fwd_kernel(
     for start in range(0, n_cols, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
         in_row = cols < C
-        _, allowed, z, _ = _logit_tile(x_row, m_row, cols, in_row, stride_xc, stride_mc, softcap, HAS_SOFTCAP, ACC)
+        _x, allowed, z, _dzdx = _logit_tile(x_row, m_row, cols, in_row, stride_xc, stride_mc, softcap, HAS_SOFTCAP, ACC)
         m_old = m
         m, s = _online_merge(m, s, z)
         if HAS_SMOOTHING:
@@ -193,7 +193,7 @@ def _ce_prob_fwd_kernel(
     for start in range(0, C, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
         in_row = cols < C
-        _, allowed, z, _ = _logit_tile(x_row, m_row, cols, in_row, stride_xc, stride_mc, softcap, HAS_SOFTCAP, ACC)
+        _x, allowed, z, _dzdx = _logit_tile(x_row, m_row, cols, in_row, stride_xc, stride_mc, softcap, HAS_SOFTCAP, ACC)
         m_old = m
         m, s = _online_merge(m, s, z)
         y = tl.load(y_row + cols.to(tl.int64) * stride_yc, mask=in_row, other=0.0).to(ACC)

@@ -67,7 +67,7 @@ def _focal_fwd_kernel(
     n_cols = tl.where(live, C, 0)
     for start in range(0, n_cols, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
-        _, _, z, _ = _logit_tile(x_row, m_row, cols, cols < C, stride_xc, stride_mc, 0.0, False, ACC)
+        _x, _allowed, z, _dzdx = _logit_tile(x_row, m_row, cols, cols < C, stride_xc, stride_mc, 0.0, False, ACC)
         m, s = _online_merge(m, s, z)
     lse = _row_lse(m, s)
     counted = live & (s != 0)  # s == 0: empty row (no allowed class, no NaN)

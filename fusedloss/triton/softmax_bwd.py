@@ -91,7 +91,7 @@ def _softmax_bwd_kernel(
     for start in range(0, C, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
         in_row = cols < C
-        _, allowed, z, dzdx = _logit_tile(x_row, m_row, cols, cols < n_cols, stride_xc, stride_mc, softcap, HAS_SOFTCAP, ACC)
+        _x, allowed, z, dzdx = _logit_tile(x_row, m_row, cols, cols < n_cols, stride_xc, stride_mc, softcap, HAS_SOFTCAP, ACC)
         w = tl.full([BLOCK_C], 1.0, ACC)
         if weight_ptr is not None:
             w = tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC)
@@ -161,7 +161,7 @@ def _softmax_prob_bwd_kernel(
         cols = start + tl.arange(0, BLOCK_C)
         in_row = cols < C
         load_ok = cols < n_cols
-        _, allowed, z, dzdx = _logit_tile(x_row, m_row, cols, load_ok, stride_xc, stride_mc, softcap, HAS_SOFTCAP, ACC)
+        _x, allowed, z, dzdx = _logit_tile(x_row, m_row, cols, load_ok, stride_xc, stride_mc, softcap, HAS_SOFTCAP, ACC)
         y = tl.load(y_row + cols.to(tl.int64) * stride_yc, mask=load_ok, other=0.0).to(ACC)
         w = tl.full([BLOCK_C], 1.0, ACC)
         if weight_ptr is not None:
