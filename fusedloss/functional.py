@@ -8,6 +8,7 @@ The ops (csrc/ops.cpp) reduce inside: a forward op returns the "none" / "mean" /
 loss and what its backward op needs, and the backward op reads grad_output from device
 memory, so nothing syncs and a step is one forward and one backward op (SPEC section 3).
 """
+import math
 import warnings
 from typing import Optional
 
@@ -87,7 +88,7 @@ def _rows3(t: Tensor) -> Tensor:
         return t.view(1, t.shape[0], 1)
     if t.dim() == 2:
         return t.unsqueeze(-1)
-    return t.reshape(t.shape[0], t.shape[1], -1)
+    return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))  # not -1: N or C may be 0
 
 
 def _check_class_target(input, target):
@@ -272,6 +273,8 @@ def cross_entropy(
         raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be a positive float or None, got {softcap}")
+    if softcap is not None and math.isinf(softcap):  # c tanh(x / c) -> x: no cap
+        softcap = None
     num_classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
     w = _class_weight("weight", weight, input, num_classes)
     m = _class_mask(mask, input)
@@ -363,7 +366,7 @@ def _rows2(t: Tensor) -> Tensor:
         return t.reshape(1, 1)
     if t.dim() == 1:
         return t.unsqueeze(0)
-    return t.reshape(-1, t.shape[-1])
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])  # not -1: the last dim may be 0
 
 
 def _binary(input, target, weight, pos_weight, reduction, gamma, alpha, backend, pos_weight_name="pos_weight"):

@@ -273,7 +273,7 @@ def binary_fwd(input, target, weight, pos_weight, grad, gamma, alpha, reduction,
     total = loss.sum()
     if reduction == 1:  # 0 / 0 = NaN for an empty input, as PyTorch
         total = total / loss.numel()
-        g = g * (1.0 / loss.numel())
+        g = g * (1.0 / max(loss.numel(), 1))
     if grad is not None:
         grad.copy_(g)
     return total.to(out_dtype)
@@ -283,7 +283,7 @@ def binary_bwd(grad_out, input, target, weight, pos_weight, gamma, alpha, reduct
     """grad = dloss/dx * grad_output (/ M * L for "mean"), recomputed."""
     _, g = _binary_elems(input, target, weight, pos_weight, gamma, alpha)
     if reduction == 1:  # as binary_fwd then scale_grad, in that order (bitwise reentrant)
-        g = g * (1.0 / g.numel())
+        g = g * (1.0 / max(g.numel(), 1))
     grad.copy_(g * grad_out.to(g.dtype))
 
 

@@ -232,7 +232,7 @@ def _scale_grad_kernel(
 def _grid(m, l, dtype):
     """(block_m, block_l, num_warps, tiles, grid) of the elementwise kernels."""
     block_m, block_l, num_warps, tiles = binary_config(l, dtype)
-    tiles = min(tiles, triton.cdiv(l, block_l))  # short rows: no fully masked tiles
+    tiles = max(min(tiles, triton.cdiv(l, block_l)), 1)  # short rows: no fully masked tiles (l may be 0)
     tiles = max(tiles, triton.cdiv(l, block_l * 65535))  # grid dim 1 holds at most 65535
     parts = max(triton.cdiv(l, block_l * tiles), 1)
     return block_m, block_l, num_warps, tiles, (triton.cdiv(m, block_m), parts)
