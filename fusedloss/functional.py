@@ -203,13 +203,13 @@ class _BinaryFn(torch.autograd.Function):
     graph recompute the gradient from the saved input and target instead."""
 
     @staticmethod
-    def forward(ctx, x, target, weight, pos_weight, gamma, alpha, reduction, backend, grad_enabled):
+    def forward(ctx, x, target, weight, pos_weight, gamma, alpha, reduction, out_dtype, backend, grad_enabled):
         # x, target (M, L); weight, pos_weight (M, L) broadcast views
         impl = _backend.IMPLS[backend]
         grad = None
         if reduction != 0 and grad_enabled and ctx.needs_input_grad[0]:
             grad = _ops.empty_grad(x)
-        out = impl.binary_fwd(x, target, weight, pos_weight, grad, gamma, alpha, reduction, out_dtype_of(x))
+        out = impl.binary_fwd(x, target, weight, pos_weight, grad, gamma, alpha, reduction, out_dtype)
         ctx.save_for_backward(x, target, weight, pos_weight, grad)
         ctx.gamma, ctx.alpha, ctx.reduction, ctx.backend, ctx.used = gamma, alpha, reduction, backend, False
         return out
@@ -218,7 +218,7 @@ class _BinaryFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, target, weight, pos_weight, grad = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return (None,) * 9
+            return (None,) * 10
         impl = _backend.IMPLS[ctx.backend]
         if grad is not None and not ctx.used:
             # Handed out under a version counter of its own (`.data`): the caller may modify
@@ -230,12 +230,16 @@ class _BinaryFn(torch.autograd.Function):
             grad = _ops.empty_grad(x)
             impl.binary_bwd(grad_out, x, target, weight, pos_weight, ctx.gamma, ctx.alpha, ctx.reduction, grad)
         ctx.used = True
-        return (_input_grad(grad),) + (None,) * 8
+        return (_input_grad(grad),) + (None,) * 9
 
 
-def out_dtype_of(x):
-    """The loss dtype: the input's."""
-    return x.dtype
+def out_dtype_of(input, target=None):
+    """The loss dtype, PyTorch's: the input's, promoted with a floating target's (a bfloat16
+    input with float32 probabilities or BCE targets gives a float32 loss). The kernels read
+    the target in the input's dtype and accumulate in float32 at least either way."""
+    if target is not None and target.dtype.is_floating_point:
+        return torch.promote_types(input.dtype, target.dtype)
+    return input.dtype
 
 
 # ----------------------------------------------------------------------------- cross-entropy
@@ -296,7 +300,7 @@ def cross_entropy(
     inplace = bool(inplace_backward) and input.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
     red = REDUCTION_CODES[reduction]
     eps, zl, cap = float(label_smoothing), float(z_loss), float(softcap or 0.0)
-    params = (int(ignore_index), eps, zl, cap, red, out_dtype_of(input))
+    params = (int(ignore_index), eps, zl, cap, red, out_dtype_of(input, target))
     # backward reads the class weight only for the smoothing term (index targets) or the
     # target term (probability targets); otherwise it is already in the row's stats
     bwd_w = w if (eps > 0 or t.dtype.is_floating_point) else None
@@ -391,7 +395,7 @@ def _binary(input, target, weight, pos_weight, reduction, gamma, alpha, backend,
     x = _rows2(input)
     backend = _backend_for(backend, input)
     red = REDUCTION_CODES[reduction]
-    out = _BinaryFn.apply(x, y, w, pw, float(gamma), float(alpha), red, backend, torch.is_grad_enabled())
+    out = _BinaryFn.apply(x, y, w, pw, float(gamma), float(alpha), red, out_dtype_of(input, target), backend, torch.is_grad_enabled())
     return out.reshape(input.shape) if reduction == "none" else out
 
 
