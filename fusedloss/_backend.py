@@ -2,8 +2,10 @@
 
 A backend is a namespace with the functions of the same signatures as the ops in
 csrc/ops.cpp (OPS). `resolve(requested, device)` returns the one
-to run; an explicitly requested backend that cannot run raises, "auto" falls back to the
-torch reference with one warning that names what was missing.
+to run; an explicitly requested backend that cannot run raises. "auto" on CUDA tensors
+is a chain triton -> cuda -> torch that moves an op to the next backend when its kernel
+fails to compile or launch, with one warning naming the cause; with no fast backend at
+all, "auto" is the torch reference with one warning that names what was missing.
 """
 import os
 import types
@@ -20,9 +22,9 @@ try:
     from fusedloss import triton as _triton_impl
 
     TRITON_ERROR = None
-except ImportError as e:  # triton not installed
+except Exception as e:  # noqa: BLE001 -- not installed, or broken (a triton that raises at import)
     _triton_impl = None
-    TRITON_ERROR = f"triton is not importable ({e})"
+    TRITON_ERROR = f"triton is not importable ({type(e).__name__}: {e})"
 
 
 OPS = ("ce_fwd", "focal_fwd", "softmax_bwd", "binary_fwd", "binary_bwd", "scale_grad")
@@ -88,6 +90,55 @@ def backends(device_type: str = None) -> dict:
 _warned = set()
 
 
+def _warn_once(key, message):
+    if key not in _warned and not torch.compiler.is_compiling():
+        _warned.add(key)
+        warnings.warn(message, stacklevel=4)
+
+
+# Errors that are the caller's (bad input, an out-of-range target) or the machine's (out of
+# memory): another backend would meet them too, so they propagate instead of falling back.
+_NOT_A_KERNEL_FAILURE = (ValueError, TypeError, IndexError, torch.OutOfMemoryError)
+
+
+def _fallback_chain(names):
+    """A backend namespace whose ops run on the first of `names` that works: a kernel that
+    fails to compile or launch (a Triton compiler error, an unsupported GPU, a missing
+    symbol) moves that op to the next backend for the rest of the process, with one
+    warning naming the cause (SPEC section 4). The ops of every backend share one contract
+    (csrc/ops.cpp), so a forward on one and a backward on another agree."""
+    chain_name = ">".join(names)
+    failed = set()  # (backend, op) pairs that raised
+
+    def make(op):
+        def run(*args):
+            for i, name in enumerate(names):
+                if (name, op) in failed and i < len(names) - 1:
+                    continue
+                try:
+                    return getattr(IMPLS[name], op)(*args)
+                except _NOT_A_KERNEL_FAILURE:
+                    raise
+                except Exception as e:  # noqa: BLE001 -- any kernel failure falls back
+                    if i == len(names) - 1:
+                        raise
+                    failed.add((name, op))
+                    _warn_once(
+                        (chain_name, name, op),
+                        f"fusedloss: the {name} backend failed in {op} ({type(e).__name__}: {e}); "
+                        f"using the {names[i + 1]} backend for it from now on",
+                    )
+
+        return run
+
+    ns = types.SimpleNamespace(name=chain_name, failed=failed, **{op: make(op) for op in OPS})
+    IMPLS[chain_name] = ns
+    return ns
+
+
+_chains = {}
+
+
 def resolve(requested: str, device: torch.device):
     """The backend namespace to run for tensors on `device`."""
     if requested == "auto":
@@ -99,17 +150,24 @@ def resolve(requested: str, device: torch.device):
             raise RuntimeError(f"fusedloss: backend={requested!r} cannot run: {reason}")
         return IMPLS[requested]
     preference = ("triton", "cuda") if dev == "cuda" else ("cpu",)
-    missing = []
+    missing, usable = [], []
     for name in preference:
         reason = why_not(name, dev)
         if reason is None:
-            return IMPLS[name]
-        missing.append(f"{name}: {reason}")
-    key = (dev, tuple(missing))
-    if key not in _warned and not torch.compiler.is_compiling():
-        _warned.add(key)
-        warnings.warn(
+            usable.append(name)
+        else:
+            missing.append(f"{name}: {reason}")
+    if not usable:
+        _warn_once(
+            (dev, tuple(missing)),
             f"fusedloss: no fast backend for {dev} tensors ({'; '.join(missing)}); using the torch reference backend",
-            stacklevel=3,
         )
-    return IMPLS["torch"]
+        return IMPLS["torch"]
+    if dev != "cuda" or torch.compiler.is_compiling():
+        # a C++ CPU op has nothing to compile at run time, and a traced graph cannot catch
+        # a failure of its own kernels: the first usable backend, without a chain
+        return IMPLS[usable[0]]
+    names = tuple(usable) + ("torch",)
+    if names not in _chains:
+        _chains[names] = _fallback_chain(names)
+    return _chains[names]

@@ -147,6 +147,60 @@ def test_auto_prefers_cpu_and_falls_back_with_one_warning(monkeypatch):
     check_against(lambda x: fusedloss.cross_entropy(x, t), lambda x: F.cross_entropy(x, t), x, "fallback")
 
 
+def test_kernel_failure_falls_back_along_the_chain(monkeypatch):
+    """A kernel that fails to compile or launch moves that op to the next backend of the
+    "auto" chain (triton -> cuda -> torch on CUDA tensors), with one warning naming the
+    cause; input errors are not kernel failures and propagate. The chain is built here
+    from triton and torch, since this machine has no CUDA tensors."""
+    chain = _backend._fallback_chain(("triton", "torch"))
+    calls = []
+
+    def broken(*args):
+        calls.append("triton")
+        raise RuntimeError("simulated: PTX .version 8.7 does not support .target sm_120")
+
+    monkeypatch.setattr(_backend.IMPLS["triton"], "ce_fwd", broken)
+    monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.setitem(_backend.IMPLS, "chain-under-test", chain)
+    x, t = make_logits((5, 7)), make_target((5,), 7)
+    run = lambda x: fusedloss.functional._SoftmaxLossFn.apply(  # the (N, C, D) view functional passes
+        x.unsqueeze(-1), t.unsqueeze(-1), None, None, None, "ce_fwd", (-100, 0.0, 0.0, 0.0, 1, x.dtype), 0.0, 1,
+        False, "chain-under-test",
+    )
+    with pytest.warns(UserWarning, match=r"triton backend failed in ce_fwd \(RuntimeError: simulated.*using the torch backend"):
+        first = run(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per op
+        second = run(x)
+    assert calls == ["triton"], "a failed op is not retried on the failed backend"
+    assert torch.equal(first, second)
+    check_against(run, lambda x: F.cross_entropy(x, t), x, "fallback chain")  # backward: triton's softmax_bwd
+
+    def bad_input(*args):
+        raise ValueError("simulated bad input")
+
+    monkeypatch.setattr(_backend.IMPLS["triton"], "focal_fwd", bad_input)
+    with pytest.raises(ValueError, match="simulated bad input"):
+        chain.focal_fwd(x.unsqueeze(-1), t.unsqueeze(-1), None, None, -100, 2.0, 1, x.dtype)
+
+
+def test_broken_triton_does_not_break_import(tmp_path):
+    """A triton that raises something other than ImportError at import leaves fusedloss
+    importable, with the triton backend reported unavailable and why."""
+    import subprocess
+    import sys
+
+    fake = tmp_path / "triton"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise RuntimeError('simulated: libcuda.so version mismatch')\n")
+    code = "import fusedloss; print(fusedloss.backends('cpu')['triton'])"
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "RuntimeError: simulated: libcuda.so version mismatch" in done.stdout, done.stdout
+
+
 # ----------------------------------------------------------------------------- bad input (SPEC 6)
 X, T = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
 Y = torch.rand(4, 5)
