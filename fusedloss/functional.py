@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fusedloss import _backend, _ops
+from fusedloss import _backend, _ops, reference
 from fusedloss._ops import REDUCTION_CODES, acc_dtype
 
 __all__ = ["cross_entropy", "binary_cross_entropy_with_logits", "sigmoid_focal_loss", "focal_loss"]
@@ -57,28 +57,32 @@ def _reduction_of(size_average, reduce, reduction):
 
 
 def _no_grad_needed(name, t):
-    """Gradients flow to the input only; a target or weight that requires grad would get
-    none silently, so it is refused (PyTorch does differentiate soft targets)."""
+    """Where PyTorch refuses a gradient (a class weight with class-index targets, BCE weight
+    and pos_weight, focal alpha), a tensor that requires grad is refused here too, rather
+    than silently getting none."""
     if isinstance(t, Tensor) and t.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError(
-            f"fusedloss: the gradient with respect to {name} is not implemented (only the input's); "
-            f"pass {name}.detach() if no gradient is wanted there"
+            f"fusedloss: the gradient with respect to {name} is not implemented (PyTorch gives none either); "
+            f"pass {name}.detach()"
         )
 
 
-def _class_weight(name, weight, input, num_classes):
-    """(C,) weight in the accumulation dtype, or None."""
+def _class_weight(name, weight, input, num_classes, differentiable=False):
+    """(C,) weight in the accumulation dtype, or None. `differentiable`: PyTorch gives this
+    weight a gradient (probability targets), so it stays in the graph."""
     if weight is None:
         return None
     _check_float(name, weight)
     _check_device(name, weight, input)
-    _no_grad_needed(name, weight)
+    if not differentiable:
+        _no_grad_needed(name, weight)
+        weight = weight.detach()
     if weight.dim() != 1 or weight.shape[0] != num_classes:
         raise ValueError(
             f"{name} should be defined either for all {num_classes} classes or no classes, "
             f"expected shape ({num_classes},), got {tuple(weight.shape)}"
         )
-    return weight.detach().to(acc_dtype(input.dtype)).contiguous()
+    return weight.to(acc_dtype(input.dtype)).contiguous()
 
 
 def _rows3(t: Tensor) -> Tensor:
@@ -170,7 +174,7 @@ class _SoftmaxLossFn(torch.autograd.Function):
     inplace_backward the gradient is written into the logits' storage (no N x C buffer)."""
 
     @staticmethod
-    def forward(ctx, x, target, weight, mask, bwd_weight, op, params, softcap, reduction, inplace, backend):
+    def forward(ctx, x, target, weight, mask, bwd_weight, op, params, softcap, reduction, inplace, backend, eps):
         # x (N, C, D); target (N, D) int64 or (N, C, D) probabilities; weight (C,) acc; mask
         # (N, C, D) bool; bwd_weight: the weight backward needs (None when only the stats do);
         # op "ce_fwd" / "focal_fwd", called as op(x, target, weight, mask, *params)
@@ -178,6 +182,7 @@ class _SoftmaxLossFn(torch.autograd.Function):
         out, denom, stats = getattr(impl, op)(x, target, weight, mask, *params)
         ctx.save_for_backward(x, target, bwd_weight, mask, stats, denom)
         ctx.softcap, ctx.reduction, ctx.inplace, ctx.backend, ctx.used = softcap, reduction, inplace, backend, False
+        ctx.eps = eps
         return out
 
     @staticmethod
@@ -185,14 +190,75 @@ class _SoftmaxLossFn(torch.autograd.Function):
         if ctx.inplace and ctx.used:  # before unpacking: the logits' version has moved on
             raise RuntimeError(_CONSUMED)
         x, target, weight, mask, stats, denom = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return (None,) * 11
-        ctx.used = True
-        grad = x.detach() if ctx.inplace else _ops.empty_grad(x)
-        _backend.IMPLS[ctx.backend].softmax_bwd(
-            grad_out, x, target, weight, mask, stats, denom, ctx.softcap, ctx.reduction, grad
-        )
-        return (_input_grad(grad),) + (None,) * 10
+        want = ctx.needs_input_grad
+        # soft targets and their class weight (before the input's gradient, which may
+        # overwrite the logits with inplace_backward)
+        g_target = g_weight = None
+        if want[1] or want[2]:
+            g_target, g_weight = _soft_target_grads(
+                grad_out, x, target, weight, mask, stats, denom, ctx.eps, ctx.softcap, ctx.reduction, want[1], want[2]
+            )
+        grad = None
+        if want[0]:
+            ctx.used = True
+            grad = x.detach() if ctx.inplace else _ops.empty_grad(x)
+            _backend.IMPLS[ctx.backend].softmax_bwd(
+                grad_out, x, target, weight, mask, stats, denom, ctx.softcap, ctx.reduction, grad
+            )
+            grad = _input_grad(grad)
+        return (grad, g_target, g_weight) + (None,) * 9
+
+
+def _soft_target_grads(grad_out, x, y, w, mask, stats, denom, eps, softcap, reduction, want_y, want_w):
+    """Gradients to probability targets y (N, C, D) and the class weight w (C,), as PyTorch
+    gives them. With y'_c = (1 - eps) y_c + smooth [c in A] and -log p_c = lse - z_c:
+        loss_row = sum_c w_c y'_c (lse - z_c) (+ z-loss, free of y and w)
+        dloss/dy_c = w_c (1 - eps) (lse - z_c)        dloss/dw_c = sum_rows y'_c (lse - z_c)
+    times the row's scale; +inf at a masked class (PyTorch: the same), 0 on empty rows. Torch
+    ops on the saved logits and the forward's stats: a soft target that requires grad
+    (distillation) costs N x C passes beyond the step's budget, the usual step none."""
+    acc = stats.dtype
+    z = x.to(acc)
+    allowed = z != float("-inf")
+    if mask is not None:
+        allowed = allowed & mask
+    if softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    lse = stats[..., 0].unsqueeze(1)  # (N, 1, D)
+    nll = torch.where(allowed, lse - z, torch.full_like(z, float("inf")))
+    nll = torch.where(lse != float("-inf"), nll, torch.zeros_like(nll))  # an empty row has loss 0
+    scale = reference._scale(grad_out, denom, reduction, acc)
+    g_y = g_w = None
+    if want_y:
+        coef = (1.0 - eps) * (w.detach().view(1, -1, 1) if w is not None else torch.ones_like(lse))
+        g_y = (reference._times(coef, nll) * scale).to(y.dtype)
+    if want_w:
+        y_s = (1.0 - eps) * y.detach().to(acc) + torch.where(allowed, stats[..., 2].unsqueeze(1), torch.zeros_like(z))
+        g_w = (reference._times(y_s, nll) * scale).sum((0, 2)).to(w.dtype)
+    return g_y, g_w
+
+
+def _binary_target_grad(grad_out, x, y, w, pw, gamma, alpha, reduction):
+    """Gradient to a BCE / sigmoid-focal target, as PyTorch gives it: autograd through
+    PyTorch's own formula (torchvision's for focal) in the accumulation dtype. Only when
+    the target requires grad (soft labels, distillation)."""
+    acc = acc_dtype(x.dtype)
+    with torch.enable_grad():
+        xa, ya = x.detach().to(acc), y.detach().to(acc).requires_grad_()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(xa, ya, pos_weight=pw, reduction="none")
+        if not (gamma == 0 and alpha < 0):
+            p = torch.sigmoid(xa)
+            p_t = p * ya + (1 - p) * (1 - ya)
+            loss = loss * (1 - p_t) ** gamma
+            if alpha >= 0:
+                loss = (alpha * ya + (1 - alpha) * (1 - ya)) * loss
+        if w is not None:
+            loss = loss * w
+        scale = grad_out.to(acc)
+        if reduction == 1:
+            scale = scale / max(x.numel(), 1)
+        (g,) = torch.autograd.grad(loss, ya, scale.expand_as(loss))
+    return g.to(y.dtype)
 
 
 class _BinaryFn(torch.autograd.Function):
@@ -217,8 +283,11 @@ class _BinaryFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, target, weight, pos_weight, grad = ctx.saved_tensors
+        g_target = None
+        if ctx.needs_input_grad[1]:
+            g_target = _binary_target_grad(grad_out, x, target, weight, pos_weight, ctx.gamma, ctx.alpha, ctx.reduction)
         if not ctx.needs_input_grad[0]:
-            return (None,) * 10
+            return (None, g_target) + (None,) * 8
         impl = _backend.IMPLS[ctx.backend]
         if grad is not None and not ctx.used:
             # Handed out under a version counter of its own (`.data`): the caller may modify
@@ -230,7 +299,7 @@ class _BinaryFn(torch.autograd.Function):
             grad = _ops.empty_grad(x)
             impl.binary_bwd(grad_out, x, target, weight, pos_weight, ctx.gamma, ctx.alpha, ctx.reduction, grad)
         ctx.used = True
-        return (_input_grad(grad),) + (None,) * 9
+        return (_input_grad(grad), g_target) + (None,) * 8
 
 
 def out_dtype_of(input, target=None):
@@ -280,16 +349,16 @@ def cross_entropy(
     if softcap is not None and math.isinf(softcap):  # c tanh(x / c) -> x: no cap
         softcap = None
     num_classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
-    w = _class_weight("weight", weight, input, num_classes)
+    prob = isinstance(target, Tensor) and target.dtype.is_floating_point
+    w = _class_weight("weight", weight, input, num_classes, differentiable=prob)
     m = _class_mask(mask, input)
     x = _rows3(input)
-    if target.dtype.is_floating_point:  # class probabilities
-        _no_grad_needed("target", target)
+    if prob:  # class probabilities; they and the weight get gradients, as in PyTorch
         if target.shape != input.shape:
             raise ValueError(
                 f"probability target must have the input's shape {tuple(input.shape)}, got {tuple(target.shape)}"
             )
-        t = _rows3(target.detach().to(input.dtype))
+        t = _rows3(target.to(input.dtype))
         target_shape = tuple(input.shape[:1] + input.shape[2:]) if input.dim() >= 2 else ()
     elif target.dtype in INDEX_DTYPES:
         target_shape = _check_class_target(input, target)
@@ -304,7 +373,7 @@ def cross_entropy(
     # backward reads the class weight only for the smoothing term (index targets) or the
     # target term (probability targets); otherwise it is already in the row's stats
     bwd_w = w if (eps > 0 or t.dtype.is_floating_point) else None
-    out = _SoftmaxLossFn.apply(x, t, w, m, bwd_w, "ce_fwd", params, cap, red, inplace, backend)
+    out = _SoftmaxLossFn.apply(x, t, w, m, bwd_w, "ce_fwd", params, cap, red, inplace, backend, eps)
     return out.reshape(target_shape) if reduction == "none" else out
 
 
@@ -346,7 +415,7 @@ def focal_loss(
     backend = _backend_for(backend, input)
     red = REDUCTION_CODES[reduction]
     params = (int(ignore_index), float(gamma), red, out_dtype_of(input))
-    out = _SoftmaxLossFn.apply(x, t, a, m, None, "focal_fwd", params, 0.0, red, False, backend)
+    out = _SoftmaxLossFn.apply(x, t, a, m, None, "focal_fwd", params, 0.0, red, False, backend, 0.0)
     return out.reshape(target_shape) if reduction == "none" else out
 
 
@@ -390,8 +459,7 @@ def _binary(input, target, weight, pos_weight, reduction, gamma, alpha, backend,
             )
     w = _elementwise_operand("weight", weight, input)
     pw = _elementwise_operand(pos_weight_name, pos_weight, input)
-    _no_grad_needed("target", target)
-    y = _rows2(target.detach().to(input.dtype))
+    y = _rows2(target.to(input.dtype))  # a soft target that requires grad gets one, as in PyTorch
     x = _rows2(input)
     backend = _backend_for(backend, input)
     red = REDUCTION_CODES[reduction]

@@ -279,18 +279,60 @@ def test_no_grad_computes_no_gradient_and_keeps_the_input(backend):
     check_against(lambda v: fusedloss.cross_entropy(v, t, backend=backend), lambda v: F.cross_entropy(v, t), keep, "no_grad")
 
 
-@pytest.mark.parametrize("which", ["probability target", "bce target", "weight", "pos_weight"])
-def test_gradients_to_targets_and_weights_are_refused(backend, which):
-    """Only the input gets a gradient: a target or weight that requires grad raises rather
-    than silently getting none (PyTorch differentiates soft targets)."""
+@pytest.mark.parametrize("which", ["class weight", "bce weight", "pos_weight", "focal alpha"])
+def test_gradients_refused_where_pytorch_refuses(backend, which):
+    """A weight that PyTorch gives no gradient (class weight with class-index targets, BCE
+    weight and pos_weight) raises rather than silently getting none; so does focal alpha."""
     x = make_logits((3, 5)).requires_grad_()
-    soft = torch.softmax(torch.randn(3, 5), 1).requires_grad_()
+    y = torch.rand(3, 5)
     w = (torch.rand(5) + 0.5).requires_grad_()
+    t = torch.tensor([0, 1, 2])
     calls = {
-        "probability target": lambda: fusedloss.cross_entropy(x, soft, backend=backend),
-        "bce target": lambda: fusedloss.binary_cross_entropy_with_logits(x, soft, backend=backend),
-        "weight": lambda: fusedloss.cross_entropy(x, torch.tensor([0, 1, 2]), w, backend=backend),
-        "pos_weight": lambda: fusedloss.binary_cross_entropy_with_logits(x, soft.detach(), pos_weight=w, backend=backend),
+        "class weight": lambda: fusedloss.cross_entropy(x, t, w, backend=backend),
+        "bce weight": lambda: fusedloss.binary_cross_entropy_with_logits(x, y, w, backend=backend),
+        "pos_weight": lambda: fusedloss.binary_cross_entropy_with_logits(x, y, pos_weight=w, backend=backend),
+        "focal alpha": lambda: fusedloss.focal_loss(x, t, alpha=w, backend=backend),
     }
-    with pytest.raises(NotImplementedError, match=which.split()[-1]):
+    with pytest.raises(NotImplementedError, match=which.split()[-1].replace("class ", "")):
         calls[which]()
+
+
+def _torchvision_sigmoid_focal(x, y, alpha, gamma, reduction):
+    """torchvision.ops.sigmoid_focal_loss, written out (torchvision is not a dependency)."""
+    p = torch.sigmoid(x)
+    loss = F.binary_cross_entropy_with_logits(x, y, reduction="none") * (1 - (p * y + (1 - p) * (1 - y))) ** gamma
+    if alpha >= 0:
+        loss = (alpha * y + (1 - alpha) * (1 - y)) * loss
+    return {"none": loss, "mean": loss.mean(), "sum": loss.sum()}[reduction]
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("case", ["ce probabilities + weight", "ce smoothing + weight", "bce", "sigmoid focal"])
+def test_soft_targets_get_pytorchs_gradients(backend, case, reduction):
+    """Soft targets that require grad (distillation, mixup) get PyTorch's gradient, and so
+    does the class weight with probability targets; float64, against PyTorch's own
+    autograd, with a grad_output that is not 1."""
+    x = make_logits((4, 6, 3) if case.startswith("ce") else (5, 7), torch.float64).requires_grad_()
+    if case.startswith("ce"):
+        y = torch.softmax(torch.randn(4, 6, 3, dtype=torch.float64) * 3, 1).requires_grad_()
+        w = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_()
+        eps = 0.2 if "smoothing" in case else 0.0
+        ours = lambda x, y, w: fusedloss.cross_entropy(x, y, w, reduction=reduction, label_smoothing=eps, backend=backend)
+        theirs = lambda x, y, w: F.cross_entropy(x, y, w, reduction=reduction, label_smoothing=eps)
+        args = (x, y, w)
+    else:
+        y = torch.rand(5, 7, dtype=torch.float64).requires_grad_()
+        if case == "bce":
+            pw = torch.rand(7, dtype=torch.float64) + 0.5
+            ours = lambda x, y: fusedloss.binary_cross_entropy_with_logits(x, y, reduction=reduction, pos_weight=pw, backend=backend)
+            theirs = lambda x, y: F.binary_cross_entropy_with_logits(x, y, reduction=reduction, pos_weight=pw)
+        else:
+            ours = lambda x, y: fusedloss.sigmoid_focal_loss(x, y, 0.3, 1.5, reduction=reduction, backend=backend)
+            theirs = lambda x, y: _torchvision_sigmoid_focal(x, y, 0.3, 1.5, reduction)
+        args = (x, y)
+    out, ref = ours(*args), theirs(*args)
+    g = torch.rand_like(ref) + 0.5
+    got, want = torch.autograd.grad(out, args, g), torch.autograd.grad(ref, args, g)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for name, a, b in zip(("input", "target", "weight"), got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=lambda m: f"{case} {reduction}: d/d{name}: {m}")
