@@ -37,7 +37,7 @@ TORCH_LIBRARY(fusedloss, m) {
   //   out    reduction 0: (N, D) per-row loss; 1, 2: () the mean / sum; in out_dtype
   //   denom  () acc: the "mean" denominator, sum over rows of the row's count (weight[target]
   //          or 1 for counted rows, 0 for ignored / empty / out-of-range rows); written for
-  //          reduction 1 (other reductions may leave it uninitialized)
+  //          every reduction
   //   stats  (N, D, 4) acc contiguous, per row what backward needs (csrc/common/softmax_row.h
   //          RowCoefs): [lse, coef_p, smooth, target_coef]. lse = -inf marks a row whose
   //          gradient is exactly 0 (ignored, empty, out of range): backward reads none of

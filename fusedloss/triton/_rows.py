@@ -215,17 +215,20 @@ REDUCE_BLOCK = 1024
 
 
 def _reduce_rows(loss, count, reduction, out_dtype, numel=0):
-    """(out, denom) from per-row losses (and counts): reduction 0 returns `loss` itself (the
-    kernel wrote it in the output dtype) and an unused denom; 1 / 2 one launch of
-    `_reduce_kernel`."""
-    denom = torch.empty((), dtype=acc_dtype_of(loss, count), device=loss.device)
-    if reduction == 0:
+    """(out, denom) from per-row losses (and counts), one launch of `_reduce_kernel`.
+    Reduction 0 returns `loss` itself (the row kernel wrote it in the output dtype); the
+    launch still writes denom (the op contract: defined for every reduction), the sum it
+    computes going to a scratch scalar."""
+    dev = loss.device
+    denom = torch.empty((), dtype=acc_dtype_of(loss, count), device=dev)
+    out = torch.empty((), dtype=out_dtype if reduction != 0 else denom.dtype, device=dev)
+    if reduction == 0 and count is None:
         return loss, denom
-    out = torch.empty((), dtype=out_dtype, device=loss.device)
+    values = loss if reduction != 0 else count  # "none": only the counts are summed
     _reduce_kernel[(1,)](
-        loss, count, out, denom, loss.numel(), float(numel), MEAN=reduction == 1, BLOCK=REDUCE_BLOCK, num_warps=4
+        values, count, out, denom, values.numel(), float(numel), MEAN=reduction == 1, BLOCK=REDUCE_BLOCK, num_warps=4
     )
-    return out, denom
+    return (out if reduction != 0 else loss), denom
 
 
 def acc_dtype_of(loss, count):
