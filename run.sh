@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One entry point, setup included, for a fresh machine:
 #   bash run.sh test     # builds, then runs the test suite (what .ci/run calls)
-#   bash run.sh bench    # builds, then the benchmark table + correctness summary
+#   bash run.sh bench    # builds, then the benchmark table + correctness summary (CPU timings by
+#                        # pytest-benchmark, CUDA by triton's do_bench; JSON + PNG in bench/results/)
 # Extra arguments go to pytest / bench/run_all.py. FUSEDLOSS_VENV picks the venv (default .venv).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -13,7 +14,7 @@ setup() {
   . "$VENV/bin/activate"
   # torch==2.13.0: the CPU wheel on this machine's disk (a bare `torch` pulls GBs of CUDA).
   python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
-  pip install -q "setuptools>=64" wheel triton numpy pytest pytest-xdist matplotlib
+  pip install -q "setuptools>=64" wheel triton numpy pytest pytest-xdist pytest-benchmark matplotlib expecttest transformers
   pip install -q --no-build-isolation -e .
   python -c "import fusedloss, sys; print('fusedloss backends (None = available):', fusedloss.backends())"
 }

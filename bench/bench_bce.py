@@ -39,7 +39,8 @@ BENCH = harness.LossBench(
     setup=setup,
     shapes=shapes,
     check_shape=(37, 300),
-    targets={((8192, 2048), torch.float32): harness.Target(vs_eager=6.0, vs_compile=1.5, mem_vs_eager=0.45)},
+    targets={((8192, 2048), torch.float32): harness.speed_memory_targets(
+        vs_eager=6.0, vs_compile=1.5, mem_vs_eager=0.45)},
 )
 
 if __name__ == "__main__":

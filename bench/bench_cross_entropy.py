@@ -1,5 +1,8 @@
 """Cross-entropy: fusedloss.cross_entropy vs F.cross_entropy (eager and torch.compile),
-Liger-Kernel, flash-attn, Unsloth (and why Cut Cross-Entropy is not run).
+Liger-Kernel, flash-attn, Unsloth (and why Cut Cross-Entropy is not run). Three runners:
+  cross_entropy      LLM-style (N, C) logits (a leaf; the `h @ W.T` flow is bench_linear_ce.py)
+  ce_host_overhead   tiny shapes, where the host-side cost of a call shows (2 CPU threads)
+  ce_segmentation    (N, C, H, W) maps, ignore_index=255, contiguous and channels_last
 
     python bench/bench_cross_entropy.py [--device cuda] [--quick]
 """
@@ -20,29 +23,31 @@ def shapes(device_type, quick):
     if device_type == "cuda":
         llm = [((n, c), torch.bfloat16) for n in (4096, 16384) for c in (32000, 128256, 256000)]
         return [((4096, 32000), torch.float32)] + llm
-    # 2-core CPU: the target shape, a bf16 row, and a segmentation-style K-dim input
-    return [((4096, 32000), torch.float32), ((1024, 32000), torch.bfloat16), ((8, 21, 128, 128), torch.float32)]
+    # 2-core CPU: the target shape and a bf16 row
+    return [((4096, 32000), torch.float32), ((1024, 32000), torch.bfloat16)]
 
 
-def make_target(shape, device):
+def make_target(shape, device, ignore_index=-100):
     """Class indices of the target's shape, every IGNORE_EVERY-th (flattened) one ignored."""
     c = shape[1]
     t = torch.randint(0, c, (shape[0],) + tuple(shape[2:]), device=device)
-    t.view(-1)[::IGNORE_EVERY] = -100
+    t.view(-1)[::IGNORE_EVERY] = ignore_index
     return t
 
 
-def setup(shape, dtype, device):
+def setup(shape, dtype, device, layout="", ignore_index=-100):
     x = torch.randn(shape, device=device).to(dtype)
-    t = make_target(shape, device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    t = make_target(shape, device, ignore_index)
     traffic = x.numel() * x.element_size()
     peers = _peers(t, device) if x.dim() == 2 else [
         harness.Impl(name, "peer", skip="takes 2-D (N, C) logits only") for name in (*PEERS, "cut-cross-entropy")
     ]
     return harness.Setup(
         x=x,
-        fused=lambda x, backend, **kw: fusedloss.cross_entropy(x, t, backend=backend, **kw),
-        eager=lambda x: F.cross_entropy(x, t),
+        fused=lambda x, backend, **kw: fusedloss.cross_entropy(x, t, ignore_index=ignore_index, backend=backend, **kw),
+        eager=lambda x: F.cross_entropy(x, t, ignore_index=ignore_index),
         bytes_fwd=traffic + t.numel() * t.element_size(),
         bytes_fwdbwd=2 * traffic + t.numel() * t.element_size(),
         peers=peers,
@@ -130,9 +135,54 @@ BENCH = harness.LossBench(
     setup=setup,
     shapes=shapes,
     check_shape=(37, 1000),
-    targets={((4096, 32000), torch.float32): harness.Target(vs_eager=4.0, vs_compile=2.0, mem_vs_eager=0.4)},
+    targets={((4096, 32000), torch.float32): harness.speed_memory_targets(vs_eager=4.0, vs_compile=2.0,
+                                                                          mem_vs_eager=0.4)},
     extra_checks=[seed_check],
+    title="logits a leaf",
+)
+
+
+# ----------------------------------------------------------------------------- host overhead
+def host_shapes(device_type, quick):
+    return [((8, 10), torch.float32), ((256, 1000), torch.float32)]
+
+
+HOST_OVERHEAD = harness.LossBench(
+    name="ce_host_overhead",
+    setup=setup,
+    shapes=host_shapes,
+    # issue: fusedloss's fwd+bwd at most 2.0x eager's time at 8x10, at most 1.0x at 256x1000
+    targets={
+        ((8, 10), torch.float32): [harness.Check("fwd+bwd time fusedloss/eager", "fusedloss", "eager", "fwdbwd_ms",
+                                                 2.0, False)],
+        ((256, 1000), torch.float32): [harness.Check("fwd+bwd time fusedloss/eager", "fusedloss", "eager",
+                                                     "fwdbwd_ms", 1.0, False)],
+    },
+    threads=2,
+    title="tiny shapes: the host-side cost of a call; 2 CPU threads",
+)
+
+
+# ----------------------------------------------------------------------------- segmentation
+SEG_IGNORE = 255  # the "void" label of VOC / Cityscapes-style maps
+
+
+def seg_shapes(device_type, quick):
+    if quick:
+        shape = (2, 21, 32, 32)
+    elif device_type == "cuda":
+        shape = (16, 150, 128, 128)  # ADE20K's 150 classes
+    else:
+        shape = (8, 21, 128, 128)  # VOC's 21 classes
+    return [(shape, torch.float32), (shape, torch.float32, "channels_last")]
+
+
+SEGMENTATION = harness.LossBench(
+    name="ce_segmentation",
+    setup=lambda shape, dtype, device, layout="": setup(shape, dtype, device, layout, ignore_index=SEG_IGNORE),
+    shapes=seg_shapes,
+    title=f"(N, C, H, W) maps, ignore_index={SEG_IGNORE}",
 )
 
 if __name__ == "__main__":
-    harness.main([BENCH], __doc__)
+    harness.main([BENCH, HOST_OVERHEAD, SEGMENTATION], __doc__)

@@ -48,7 +48,8 @@ BENCH = harness.LossBench(
     setup=setup,
     shapes=shapes,
     check_shape=(37, 1000),
-    targets={((4096, 32000), torch.float32): harness.Target(vs_eager=4.0, vs_compile=2.0, mem_vs_eager=0.4)},
+    targets={((4096, 32000), torch.float32): harness.speed_memory_targets(
+        vs_eager=4.0, vs_compile=2.0, mem_vs_eager=0.4)},
 )
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ BENCH = harness.LossBench(
     setup=setup,
     shapes=shapes,
     check_shape=(1000, 80),
-    targets={((160000, 80), torch.float32): harness.Target(vs_eager=10.0, vs_compile=1.5, mem_vs_eager=0.2)},
+    targets={((160000, 80), torch.float32): harness.speed_memory_targets(
+        vs_eager=10.0, vs_compile=1.5, mem_vs_eager=0.2)},
 )
 
 if __name__ == "__main__":

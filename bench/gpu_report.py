@@ -5,7 +5,7 @@ compiled ahead of time for sm_90 and sm_80 by ptxas (no GPU needed).
     python bench/gpu_report.py --all --arch 90      # every launch config (about 1100: minutes)
     python bench/gpu_report.py --json FILE
 
-The kernels and their AOT build belong to fusedloss.triton.aot: compile_all(arch, configs)
+The kernels' AOT build is tests/aot.py (fusedloss.triton.aot in older trees): compile_all(arch, configs)
 returns one report per launch config (name "kernel[tag]", num_warps, registers,
 spill_stores, spill_loads, stack, smem_static, smem_triton). This file picks the configs,
 compiles them in parallel (one process per core) and tabulates; it reads those fields
@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import re
+import sys
 
 import harness
 
@@ -75,14 +76,27 @@ def in_bench_scope(tag: str) -> bool:
             and flags.get("mask", "0") == "0" and flags.get("reduce", "1") == "1")
 
 
-def _compile_one(arch, index):
-    from fusedloss.triton import aot
+def _aot():
+    """tests/aot.py, the AOT tooling beside the tests (fusedloss.triton.aot in older trees)."""
+    tests = str(harness.ROOT / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    try:
+        import aot
+    except ModuleNotFoundError as e:
+        if e.name != "aot":
+            raise
+        from fusedloss.triton import aot
+    return aot
 
+
+def _compile_one(arch, index):
+    aot = _aot()
     return [normalise(r, arch) for r in aot.compile_all(arch, [aot.launch_configs()[index]])]
 
 
 def compile_arch(arch: int, everything: bool = False, workers: int = None) -> list:
-    from fusedloss.triton import aot
+    aot = _aot()
 
     if not hasattr(aot, "launch_configs"):  # no way to pick configs: let compile_all do them all
         return [normalise(r, arch) for r in aot.compile_all(arch)]

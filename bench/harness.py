@@ -1,21 +1,22 @@
-"""Shared benchmark machinery: implementations, timing, peak memory, tables, JSON, plot.
+"""Shared benchmark machinery: implementations, measuring, peak memory, tables, targets, JSON.
 
 Each loss has one runner (bench_<loss>.py) whose setup factory builds the inputs and the
 callables to compare on them (a `Setup`); everything else lives here, so the runners share
 one way of measuring.
 
 What is measured, for every implementation, on the same inputs, in one process:
-  fwd      the loss only; the input does not require grad.
-  fwd+bwd  loss.backward(), the input a leaf whose .grad is reset before each call, so the
-           gradient is allocated inside the measured call as it is in training.
+  fwd      the loss only; no input requires grad.
+  fwd+bwd  loss.backward(), the inputs leaves whose .grad is reset before each call, so the
+           gradients are allocated inside the measured call as they are in training.
   peak     peak bytes allocated during one fwd+bwd call minus the bytes allocated just
-           before it (the input's gradient included), in a separate untimed run.
-CUDA: triton.testing.do_bench (CUDA events, L2 flushed between calls), median;
-      torch.cuda.max_memory_allocated after reset_peak_memory_stats.
-CPU:  time.perf_counter around each call, median of repeats after warm-up, the
-      implementations taking turns call by call, torch.set_num_threads as configured;
-      peak from the allocator events that torch.profiler records (see cpu_peak_bytes),
-      checked on known allocations.
+           before it (the gradients included), in a separate untimed call.
+Timing is not ours:
+  CPU:  pytest-benchmark (bench/test_bench_cpu.py, driven in-process by run_cpu_pytest):
+        calibrated rounds, median, JSON that `pytest-benchmark compare` reads across commits.
+  CUDA: triton.testing.do_bench (CUDA events, L2 flushed between calls), median.
+  Dry runs of the GPU scripts on a CPU (--dry-run): torch.utils.benchmark.Timer.
+Peak: CUDA torch.cuda.max_memory_allocated after reset_peak_memory_stats; CPU the allocator
+events torch.profiler records (cpu_peak_bytes), checked on known allocations.
 """
 import argparse
 import contextlib
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = ROOT / "bench"
 if str(ROOT) not in sys.path:  # `python bench/run_all.py` puts bench/ first, not the repo root
     sys.path.insert(0, str(ROOT))
 
@@ -43,6 +45,7 @@ import fusedloss  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 MB = 1024 * 1024
+MODES = ("fwd", "fwdbwd")
 
 
 # ----------------------------------------------------------------------------- descriptions
@@ -52,43 +55,87 @@ class Impl:
 
     name: str
     kind: str  # "fusedloss" | "eager" | "compile" | "peer"
-    fn: Optional[Callable] = None  # x -> scalar loss
+    fn: Optional[Callable] = None  # (*inputs) -> scalar loss
     skip: Optional[str] = None
 
 
 @dataclass
 class Setup:
-    """What a runner's setup factory returns: one input and the callables to compare on it."""
+    """What a runner's setup factory returns: the inputs and the callables to compare on them."""
 
-    x: torch.Tensor  # the differentiated input (logits), not requiring grad
-    fused: Callable  # fused(x, backend=..., **variant_kwargs) -> loss
-    eager: Callable  # x -> loss in PyTorch ops; also valid on x.double() (the reference)
-    bytes_fwd: int  # minimal traffic of the forward (input and target read once)
-    bytes_fwdbwd: int  # ... and of forward+backward (plus the gradient written once)
+    x: torch.Tensor  # the first differentiated input (logits; h for the linear flow), not requiring grad
+    fused: Callable  # fused(*inputs, backend=..., **variant_kwargs) -> loss
+    eager: Callable  # (*inputs) -> loss in PyTorch ops; also valid on float64 inputs (the reference)
+    bytes_fwd: Optional[int]  # minimal traffic of the forward (input and target read once); None: no GB/s
+    bytes_fwdbwd: Optional[int]  # ... and of forward+backward (plus the gradient written once)
     peers: list = field(default_factory=list)  # Impl rows for peer libraries, run or skipped
     variants: dict = field(default_factory=dict)  # extra fusedloss rows: label -> fused kwargs
+    extra: list = field(default_factory=list)  # further differentiated inputs (the linear flow's weight)
+
+    @property
+    def inputs(self) -> list:
+        return [self.x, *self.extra]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One shape of a runner: shape, dtype and memory layout of the input."""
+
+    shape: tuple
+    dtype: torch.dtype
+    layout: str = ""  # "" (contiguous) or "channels_last"
+
+    @property
+    def label(self) -> str:
+        return shape_label(self.shape) + (f" {self.layout}" if self.layout else "")
+
+    def setup_kwargs(self) -> dict:
+        return {"layout": self.layout} if self.layout else {}
+
+
+def as_case(c) -> Case:
+    """A runner's shapes() entries: Case, or (shape, dtype[, layout])."""
+    return c if isinstance(c, Case) else Case(tuple(c[0]), *c[1:])
 
 
 @dataclass
-class Target:
-    """An issue target at one shape (reported, never asserted): fwd+bwd speed-ups over
-    eager and torch.compile (at least), peak extra memory as a fraction of eager's (at most)."""
+class Check:
+    """One issue target (reported, never asserted): value = num[key] / den[key] of two rows of
+    the same case, at least (at_least) or at most `bound`. Rows by name: "fusedloss" is the
+    first fusedloss row that ran (the reference of the ratios), "fusedloss+LABEL" its variant
+    row LABEL, "copy" the run's device-to-device copy (context["copy"]), any other name the row
+    of that name."""
 
-    vs_eager: float
-    vs_compile: float
-    mem_vs_eager: float
+    what: str
+    num: str
+    den: str
+    key: str  # "fwd_ms" | "fwdbwd_ms" | "peak_bytes" | "fwd_gbps"
+    bound: float
+    at_least: bool
+
+
+def speed_memory_targets(vs_eager: float, vs_compile: float, mem_vs_eager: float) -> list:
+    """The usual three: fwd+bwd speed-ups over eager and torch.compile (at least), peak extra
+    memory as a fraction of eager's (at most)."""
+    return [
+        Check("fwd+bwd eager/fusedloss", "eager", "fusedloss", "fwdbwd_ms", vs_eager, True),
+        Check("fwd+bwd compile/fusedloss", "torch.compile", "fusedloss", "fwdbwd_ms", vs_compile, True),
+        Check("peak mem fusedloss/eager", "fusedloss", "eager", "peak_bytes", mem_vs_eager, False),
+    ]
 
 
 @dataclass
 class LossBench:
-    """A runner: its setup factory, its shapes and the targets that apply to them."""
+    """A runner: its setup factory, its cases and the targets that apply to them."""
 
     name: str
-    setup: Callable  # (shape, dtype, device) -> Setup
-    shapes: Callable  # (device_type, quick) -> [(shape, dtype)]
-    check_shape: tuple  # small case of the correctness summary
-    targets: dict = field(default_factory=dict)  # (shape, dtype) -> Target
+    setup: Callable  # (shape, dtype, device[, layout=]) -> Setup
+    shapes: Callable  # (device_type, quick) -> [Case or (shape, dtype[, layout])]
+    check_shape: Optional[tuple] = None  # small case of the correctness summary (None: not checked)
+    targets: dict = field(default_factory=dict)  # (shape, dtype[, layout]) -> [Check]
     extra_checks: list = field(default_factory=list)  # (device, backend) -> check row (run_all)
+    threads: Optional[int] = None  # CPU threads for this runner (default: the run's)
+    title: str = ""  # one line under the table's heading
 
 
 @dataclass
@@ -97,19 +144,18 @@ class Config:
     quick: bool = False
     compile: bool = True
     threads: Optional[int] = None
-    # CPU timing: warm-up calls, then repeats until min_reps and budget_s are both reached
-    warmup: int = 2
-    min_reps: int = 3
-    max_reps: int = 100
-    budget_s: float = 1.0
-    # CUDA timing (do_bench)
+    warmup: int = 2  # untimed calls before measuring (torch.compile compiles there)
+    # CPU, pytest-benchmark: at least min_rounds rounds, as many as fit in max_time seconds
+    min_rounds: int = 5
+    max_time: float = 1.0
+    # CUDA, do_bench
     warmup_ms: int = 25
     rep_ms: int = 100
+    # time with torch.utils.benchmark in this process instead of pytest-benchmark (GPU dry runs on a CPU)
+    dry_run: bool = False
 
 
 def shape_label(shape) -> str:
-    if len(shape) == 2:
-        return f"{shape[0]}x{shape[1]}"
     return "x".join(str(s) for s in shape)
 
 
@@ -130,12 +176,12 @@ def fast_backends(device: torch.device):
 
 
 def peer(name: str, device: torch.device, load: Callable, gpu_only: bool = True) -> Impl:
-    """An Impl for a peer library; load() imports it and returns x -> loss. A peer that is not
-    installed or cannot run on this device is kept as a row with the reason."""
+    """An Impl for a peer library; load() imports it and returns (*inputs) -> loss. A peer that
+    is not installed or cannot run on this device is kept as a row with the reason."""
     try:
         fn = load()
     except ImportError as e:
-        return Impl(name, "peer", skip=f"not installed ({e})")
+        return Impl(name, "peer", skip=f"not installed ({first_line(e)})")
     except Exception as e:  # some peers raise other errors at import without a GPU
         return Impl(name, "peer", skip=f"import failed ({error_text(e)})")
     if gpu_only and device.type != "cuda":
@@ -170,35 +216,68 @@ def build_impls(s: Setup, device: torch.device, cfg: Config) -> list:
     return impls + list(s.peers)
 
 
+def make_setup(bench: LossBench, case: Case, device: torch.device) -> Setup:
+    torch.manual_seed(0)
+    return bench.setup(case.shape, case.dtype, device, **case.setup_kwargs())
+
+
+def plan_impls(bench: LossBench, case: Case, cfg: Config) -> list:
+    """The rows a case will have (names, kinds, skip reasons), from a tiny setup of the same
+    rank and layout: pytest collects one test per row before any real input exists."""
+    tiny = Case(tuple(min(s, 8) for s in case.shape), case.dtype, case.layout)
+    impls = build_impls(make_setup(bench, tiny, cfg.device), cfg.device, cfg)
+    return [Impl(i.name, i.kind, skip=i.skip) for i in impls]
+
+
+# ----------------------------------------------------------------------------- steps
+def fresh_inputs(s: Setup, grad: bool) -> list:
+    """Each implementation's own copies of the inputs (peers such as Liger write the gradient
+    into their input); leaves requiring grad for fwd+bwd."""
+    return [t.detach().clone().requires_grad_(grad) for t in s.inputs]
+
+
+def reset_grads(inputs):
+    for t in inputs:
+        t.grad = None
+
+
+def make_step(fn: Callable, inputs: list, mode: str) -> Callable:
+    """The measured call: fwd is the loss alone; fwd+bwd resets the gradients, then backward,
+    so each call allocates its gradients as a training step does."""
+    if mode == "fwd":
+        return lambda: fn(*inputs)
+
+    def fwdbwd():
+        reset_grads(inputs)
+        fn(*inputs).backward()
+
+    return fwdbwd
+
+
 # ----------------------------------------------------------------------------- timing
-def _median_ms(times):
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "n": len(times)}
+def _stats_ms(times_ms) -> dict:
+    return {"median_ms": statistics.median(times_ms), "min_ms": min(times_ms), "n": len(times_ms)}
 
 
-def time_cuda(step: Callable, cfg: Config, grad_to_none=None) -> dict:
-    try:
+def time_step(step: Callable, cfg: Config, grad_to_none=None) -> dict:
+    """Median time of step(): do_bench on CUDA; torch.utils.benchmark on a CPU (dry runs)."""
+    if cfg.device.type == "cuda":
         from triton.testing import do_bench
-    except ImportError:
-        do_bench = None
-    if do_bench is not None:
+
         kw = dict(warmup=cfg.warmup_ms, rep=cfg.rep_ms, grad_to_none=grad_to_none)
         try:
-            return _median_ms(list(do_bench(step, return_mode="all", **kw)))
-        except (AssertionError, TypeError):  # an older triton without return_mode="all"
+            return _stats_ms(list(do_bench(step, return_mode="all", **kw)))
+        except (AssertionError, TypeError):  # a triton without return_mode="all"
             median = do_bench(step, quantiles=[0.5], **kw)
             median = median[0] if isinstance(median, (list, tuple)) else median
             return {"median_ms": median, "min_ms": None, "n": None}
-    for _ in range(cfg.warmup + 3):  # no triton: plain CUDA events
+    from torch.utils.benchmark import Timer
+
+    for _ in range(cfg.warmup):
         step()
-    times = []
-    for _ in range(max(cfg.min_reps, 20)):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return _median_ms(times)
+    m = Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=cfg.max_time)
+    return _stats_ms([t * 1e3 for t in m.times])
 
 
 # ----------------------------------------------------------------------------- memory
@@ -210,7 +289,7 @@ def cpu_peak_bytes(step: Callable) -> int:
     call; frees of older tensors count negative. Checked by check_cpu_peak()."""
     from torch.profiler import ProfilerActivity, profile
 
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events = [e for e in events if str(e.device_type()).endswith("CPU")]
@@ -223,7 +302,7 @@ def cpu_peak_bytes(step: Callable) -> int:
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
+def quiet_stderr():
     """Kineto prints two 'USDT ... profiler_start/stop' lines on fd 2 per profile, past Python."""
     sys.stderr.flush()
     saved = os.dup(2)
@@ -260,143 +339,227 @@ def cuda_peak_bytes(step: Callable) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-# ----------------------------------------------------------------------------- one case
-def measure_cuda(fn: Callable, x0: torch.Tensor, cfg: Config) -> dict:
-    """fwd and fwd+bwd medians (do_bench) and the fwd+bwd peak of fn, on its own copies of x0
-    (peers such as Liger write the gradient into their input)."""
+def peak_bytes(step: Callable, inputs: list, device: torch.device) -> int:
+    """Peak extra memory of one fwd+bwd step, its inputs' gradients freed first (so the step's
+    own reset frees nothing that the replay would count negative)."""
+    reset_grads(inputs)
+    return cuda_peak_bytes(step) if device.type == "cuda" else cpu_peak_bytes(step)
+
+
+# ----------------------------------------------------------------------------- one case, in process
+def measure(fn: Callable, s: Setup, cfg: Config) -> dict:
+    """fwd and fwd+bwd medians and the fwd+bwd peak of fn, on its own copies of the inputs."""
     out = {}
-    x = x0.detach().clone()
-    out["fwd"] = time_cuda(lambda: fn(x), cfg)
-    del x  # at 16384 x 256000 every copy counts
-    xg = x0.detach().clone().requires_grad_(True)
-
-    def fwdbwd():
-        xg.grad = None
-        fn(xg).backward()
-
-    out["fwdbwd"] = time_cuda(fwdbwd, cfg, grad_to_none=[xg])
-    xg.grad = None
-    out["peak_bytes"] = cuda_peak_bytes(fwdbwd)
+    inputs = fresh_inputs(s, grad=False)
+    out["fwd"] = time_step(make_step(fn, inputs, "fwd"), cfg)
+    del inputs  # at 16384 x 256000 every copy counts
+    inputs = fresh_inputs(s, grad=True)
+    step = make_step(fn, inputs, "fwdbwd")
+    out["fwdbwd"] = time_step(step, cfg, grad_to_none=inputs)
+    out["peak_bytes"] = peak_bytes(step, inputs, cfg.device)
     return out
 
 
-class _Contender:
-    """One implementation during a CPU case: its own copies of the input and its timings."""
-
-    def __init__(self, impl: Impl, x0: torch.Tensor):
-        self.impl, self.error = impl, None
-        self.x = x0.detach().clone()
-        self.xg = x0.detach().clone().requires_grad_(True)
-        self.times = {"fwd": [], "fwdbwd": []}
-
-    def fwd(self):
-        self.impl.fn(self.x)
-
-    def fwdbwd(self):
-        self.xg.grad = None
-        self.impl.fn(self.xg).backward()
-
-    def call(self, mode: str, timed: bool = True):
-        if self.error is not None:
-            return
-        try:
-            t0 = time.perf_counter()
-            getattr(self, mode)()
-            if timed:
-                self.times[mode].append((time.perf_counter() - t0) * 1e3)
-        except Exception as e:  # a failing implementation is a row, not a crash
-            self.error = error_text(e)
-
-
-def measure_cpu(impls: list, x0: torch.Tensor, cfg: Config, log) -> dict:
-    """{impl name: measures or {"error": why}}. After cfg.warmup untimed calls of each
-    (torch.compile compiles there), the implementations take turns, one call each per round,
-    so that load from other processes, bursty on a small shared machine, falls on all of them
-    alike. Rounds go on until cfg.min_reps and the time budget are both reached. Then each
-    one's peak, in a separate untimed call."""
-    contenders = [_Contender(impl, x0) for impl in impls]
-    for c in contenders:
-        t0 = time.perf_counter()
-        for _ in range(cfg.warmup):
-            c.call("fwd", timed=False)
-            c.call("fwdbwd", timed=False)
-        log(f"    warm-up {c.impl.name}: {'error' if c.error else 'done'} in {time.perf_counter() - t0:.1f}s")
-    for mode in ("fwd", "fwdbwd"):
-        rounds, deadline = 0, time.perf_counter() + cfg.budget_s * len(contenders)
-        while rounds < cfg.min_reps or (rounds < cfg.max_reps and time.perf_counter() < deadline):
-            for c in contenders:
-                c.call(mode)
-            rounds += 1
-    out = {}
-    for c in contenders:
-        if c.error is None:
-            c.xg.grad = None
-            try:
-                peak = cpu_peak_bytes(c.fwdbwd)
-                out[c.impl.name] = {"fwd": _median_ms(c.times["fwd"]), "fwdbwd": _median_ms(c.times["fwdbwd"]),
-                                    "peak_bytes": peak}
-            except Exception as e:
-                c.error = error_text(e)
-        if c.error is not None:
-            out[c.impl.name] = {"error": c.error}
-    return out
-
-
-def _free():
+def free():
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def run_case(bench: LossBench, shape, dtype, cfg: Config, log=None) -> list:
-    """Rows (dicts) of one shape/dtype: every implementation measured, or why not. Progress
-    goes to `log` (default: stderr, so stdout holds the tables)."""
-    log = log or progress
-    torch.manual_seed(0)
-    s = bench.setup(shape, dtype, cfg.device)
-    torch._dynamo.reset()  # each case compiles afresh (no shape-generalised recompiles)
-    base = {"loss": bench.name, "case": shape_label(shape), "shape": list(shape), "dtype": dtype_name(dtype)}
-    impls = build_impls(s, cfg.device, cfg)
-    runnable = [impl for impl in impls if impl.skip is None]
-    t0 = time.perf_counter()
-    log(f"  {bench.name} {base['case']} {base['dtype']}: {', '.join(i.name for i in runnable)}")
-    if cfg.device.type == "cuda":
-        results = {}
-        for impl in runnable:
-            try:
-                results[impl.name] = measure_cuda(impl.fn, s.x, cfg)
-            except Exception as e:  # OOM at the largest shapes, an unsupported dtype: a row, not a crash
-                results[impl.name] = {"error": error_text(e)}
-            _free()
-    else:
-        results = measure_cpu(runnable, s.x, cfg, log)
-    log(f"    measured in {time.perf_counter() - t0:.1f}s")
+def case_base(bench: LossBench, case: Case) -> dict:
+    return {"loss": bench.name, "case": case.label, "shape": list(case.shape), "dtype": dtype_name(case.dtype),
+            "layout": case.layout or "contiguous"}
+
+
+def make_rows(base: dict, impls: list, results: dict, bytes_fwd, bytes_fwdbwd) -> list:
+    """Rows of one case: impls (Impl: name, kind, skip) in order; results {name: {"fwd": stats,
+    "fwdbwd": stats, "peak_bytes": int} or {"error": why}}."""
     rows = []
     for impl in impls:
         row = dict(base, impl=impl.name, kind=impl.kind)
-        r = results.get(impl.name)
+        r = results.get(impl.name) or {"error": "not measured"}
         if impl.skip is not None:
             row["skip"] = impl.skip
         elif "error" in r:
             row["error"] = r["error"]
         else:
-            row.update(
-                fwd_ms=r["fwd"]["median_ms"], fwdbwd_ms=r["fwdbwd"]["median_ms"], peak_bytes=r["peak_bytes"],
-                fwd_stats=r["fwd"], fwdbwd_stats=r["fwdbwd"],
-                fwd_gbps=s.bytes_fwd / r["fwd"]["median_ms"] / 1e6,
-                fwdbwd_gbps=s.bytes_fwdbwd / r["fwdbwd"]["median_ms"] / 1e6,
-            )
+            fwd, fb = r["fwd"]["median_ms"], r["fwdbwd"]["median_ms"]
+            row.update(fwd_ms=fwd, fwdbwd_ms=fb, peak_bytes=r["peak_bytes"],
+                       fwd_stats=r["fwd"], fwdbwd_stats=r["fwdbwd"],
+                       fwd_gbps=bytes_fwd / fwd / 1e6 if bytes_fwd else None,
+                       fwdbwd_gbps=bytes_fwdbwd / fb / 1e6 if bytes_fwdbwd else None)
         rows.append(row)
     add_ratios(rows)
-    del s, results
-    _free()
     return rows
+
+
+def run_case(bench: LossBench, case, cfg: Config, log=None) -> list:
+    """Rows (dicts) of one case, measured in this process with time_step (CUDA: do_bench; CPU
+    dry runs: torch.utils.benchmark). Progress goes to `log` (default: stderr)."""
+    log = log or progress
+    case = as_case(case)
+    s = make_setup(bench, case, cfg.device)
+    torch._dynamo.reset()  # each case compiles afresh (no shape-generalised recompiles)
+    impls = build_impls(s, cfg.device, cfg)
+    t0 = time.perf_counter()
+    log(f"  {bench.name} {case.label} {dtype_name(case.dtype)}: "
+        + ", ".join(i.name for i in impls if i.skip is None))
+    results = {}
+    with _threads(bench.threads if cfg.device.type == "cpu" else None):
+        for impl in impls:
+            if impl.skip is not None:
+                continue
+            try:
+                results[impl.name] = measure(impl.fn, s, cfg)
+            except Exception as e:  # OOM at the largest shapes, an unsupported dtype: a row, not a crash
+                results[impl.name] = {"error": error_text(e)}
+            free()
+    log(f"    measured in {time.perf_counter() - t0:.1f}s")
+    rows = make_rows(case_base(bench, case), impls, results, s.bytes_fwd, s.bytes_fwdbwd)
+    del s, results
+    free()
+    return rows
+
+
+@contextlib.contextmanager
+def _threads(n: Optional[int]):
+    saved = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def progress(line: str):
     print(line, file=sys.stderr, flush=True)
 
 
+# ----------------------------------------------------------------------------- CPU: pytest-benchmark
+@dataclass
+class PlanItem:
+    """One pytest-benchmark test of bench/test_bench_cpu.py: one implementation, case and mode."""
+
+    bench: LossBench
+    case: Case
+    impl: str
+    kind: str
+    mode: str
+    skip: Optional[str] = None
+
+    @property
+    def id(self) -> str:
+        text = f"{self.bench.name}-{self.case.label}-{dtype_name(self.case.dtype)}-{self.impl}-{self.mode}"
+        return text.replace(" ", "_")
+
+    def meta(self) -> dict:
+        return dict(case_base(self.bench, self.case), impl=self.impl, kind=self.kind, mode=self.mode)
+
+
+def plan(benches: list, cfg: Config) -> list:
+    """Every test, case by case: within a case fwd of each implementation, then fwd+bwd."""
+    items = []
+    for bench in benches:
+        for case in map(as_case, bench.shapes(cfg.device.type, cfg.quick)):
+            impls = plan_impls(bench, case, cfg)
+            items += [PlanItem(bench, case, i.name, i.kind, mode, i.skip) for mode in MODES for i in impls]
+    return items
+
+
+class Collector:
+    """pytest plugin: the fusedloss metadata, outcome and error of every test, in order."""
+
+    def __init__(self):
+        self.records = []
+
+    def pytest_runtest_logreport(self, report):
+        meta = dict(report.user_properties).get("fusedloss")
+        if meta is None or report.when != "call":
+            return
+        rec = dict(meta, outcome=report.outcome)
+        if report.failed and "error" not in rec:  # test_bench_cpu records its own errors; this is a fallback
+            lines = report.longreprtext.strip().splitlines()
+            rec["error"] = first_line(lines[-1] if lines else "failed")
+        self.records.append(rec)
+
+
+def pytest_benchmark_args(cfg: Config, benches: list, json_path: Path, storage: Path) -> list:
+    args = [str(BENCH_DIR / "test_bench_cpu.py"), "-s", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
+            f"--fl-losses={','.join(b.name for b in benches)}", f"--fl-threads={cfg.threads}",
+            f"--fl-warmup={cfg.warmup}",
+            f"--benchmark-json={json_path}", f"--benchmark-min-rounds={cfg.min_rounds}",
+            f"--benchmark-max-time={cfg.max_time}", "--benchmark-autosave", f"--benchmark-storage=file://{storage}",
+            "--benchmark-group-by=group", "--benchmark-sort=name",
+            "--benchmark-columns=median,iqr,min,rounds,iterations"]
+    return args + (["--fl-quick"] if cfg.quick else []) + ([] if cfg.compile else ["--fl-no-compile"])
+
+
+def run_cpu_pytest(benches: list, cfg: Config, out_dir: Path, stem: str, extra_args=()) -> dict:
+    """Runs bench/test_bench_cpu.py under pytest-benchmark in this process (its output on
+    stderr), then reads its JSON back into rows: ({loss: rows}, path of the JSON). Also
+    autosaves into out_dir/pytest-benchmark/, where --benchmark-compare and
+    `pytest-benchmark compare` find earlier runs."""
+    try:
+        import pytest
+        import pytest_benchmark  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"CPU timings need pytest-benchmark ({e}): pip install pytest-benchmark "
+                         "(bash run.sh setup installs it)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{stem}.pytest-benchmark.json"
+    args = pytest_benchmark_args(cfg, benches, json_path, out_dir / "pytest-benchmark") + list(extra_args)
+    collector = Collector()
+    progress("  pytest " + " ".join(args[1:]))
+    with contextlib.redirect_stdout(sys.stderr):
+        code = pytest.main(args, plugins=[collector])
+    progress(f"  pytest exit status {int(code)}; pytest-benchmark JSON: {json_path}")
+    stats = {}
+    if json_path.exists():
+        for b in json.loads(json_path.read_text())["benchmarks"]:
+            meta = b["extra_info"].get("fusedloss")
+            if meta is not None:
+                s = b["stats"]
+                stats[_record_key(meta)] = {"median_ms": s["median"] * 1e3, "min_ms": s["min"] * 1e3,
+                                            "iqr_ms": s["iqr"] * 1e3, "rounds": s["rounds"],
+                                            "iterations": s["iterations"]}
+    return rows_from_records(benches, collector.records, stats), json_path
+
+
+def _record_key(meta: dict) -> tuple:
+    return meta["loss"], meta["case"], meta["dtype"], meta["impl"], meta["mode"]
+
+
+def rows_from_records(benches: list, records: list, stats: dict) -> dict:
+    """{loss: rows} from the collector's records (test order) and the pytest-benchmark stats."""
+    cases = {}  # (loss, case, dtype) -> {"base", "impls": {name: Impl}, "results", "bytes"}
+    for rec in records:
+        key = (rec["loss"], rec["case"], rec["dtype"])
+        c = cases.setdefault(key, {"base": {k: rec[k] for k in ("loss", "case", "shape", "dtype", "layout")},
+                                   "impls": {}, "results": {}, "bytes": (None, None)})
+        c["impls"].setdefault(rec["impl"], Impl(rec["impl"], rec["kind"]))
+        if "bytes_fwd" in rec:
+            c["bytes"] = (rec["bytes_fwd"], rec["bytes_fwdbwd"])
+        r = c["results"].setdefault(rec["impl"], {})
+        if rec["outcome"] == "skipped":
+            c["impls"][rec["impl"]].skip = rec.get("skip", "skipped")
+        elif "error" in rec:
+            r["error"] = f"{'fwd+bwd' if rec['mode'] == 'fwdbwd' else 'fwd'}: {rec['error']}"
+        elif _record_key(rec) in stats:
+            r[rec["mode"]] = stats[_record_key(rec)]
+            if "peak_bytes" in rec:
+                r["peak_bytes"] = rec["peak_bytes"]
+    out = {b.name: [] for b in benches}
+    for c in cases.values():
+        for r in c["results"].values():
+            if "error" not in r and not all(k in r for k in (*MODES, "peak_bytes")):
+                r["error"] = "not measured"
+        out.setdefault(c["base"]["loss"], []).extend(
+            make_rows(c["base"], list(c["impls"].values()), c["results"], *c["bytes"]))
+    return out
+
+
+# ----------------------------------------------------------------------------- ratios and targets
 def add_ratios(rows: list):
     """Ratios against the first fusedloss row that ran: speed = impl time / fusedloss time
     (> 1: fusedloss is faster), memory = fusedloss peak / impl peak (< 1: fusedloss uses less)."""
@@ -411,24 +574,31 @@ def add_ratios(rows: list):
         }
 
 
-def check_targets(bench: LossBench, rows: list) -> list:
-    """The issue targets next to the measured ratios (reported, not asserted)."""
+def _select(rows: list, name: str, context: dict):
+    if name == "copy":
+        return context.get("copy")
+    ref = next((r for r in rows if r["kind"] == "fusedloss" and "fwd_ms" in r), None)
+    if name == "fusedloss":
+        return ref
+    if name.startswith("fusedloss+"):
+        name = f"{ref['impl']} {name[len('fusedloss+'):]}" if ref else None
+    return next((r for r in rows if r["impl"] == name and "fwd_ms" in r), None)
+
+
+def check_targets(bench: LossBench, rows: list, context: Optional[dict] = None) -> list:
+    """The issue targets next to the measured values (reported, not asserted)."""
     out = []
-    for (shape, dtype), t in bench.targets.items():
-        case, dname = shape_label(shape), dtype_name(dtype)
-        here = {r["impl"]: r for r in rows if r["case"] == case and r["dtype"] == dname}
-        fused = next((r for r in here.values() if r["kind"] == "fusedloss" and "fwd_ms" in r), None)
-        entry = {"loss": bench.name, "case": case, "dtype": dname, "checks": []}
-        for label, impl, key, bound, at_least in (
-            ("fwd+bwd eager/fusedloss", "eager", "fwdbwd", t.vs_eager, True),
-            ("fwd+bwd compile/fusedloss", "torch.compile", "fwdbwd", t.vs_compile, True),
-            ("peak mem fusedloss/eager", "eager", "mem", t.mem_vs_eager, False),
-        ):
-            r = here.get(impl)
-            value = r.get("vs_fused", {}).get(key) if (r and fused) else None
-            ok = None if value is None else (value >= bound if at_least else value <= bound)
-            entry["checks"].append({"what": label, "value": value, "bound": bound, "at_least": at_least, "ok": ok})
-        entry["ran"] = fused is not None
+    for key, checks in bench.targets.items():
+        case = as_case(key)
+        here = [r for r in rows if r["case"] == case.label and r["dtype"] == dtype_name(case.dtype)]
+        entry = {"loss": bench.name, "case": case.label, "dtype": dtype_name(case.dtype), "checks": [],
+                 "ran": _select(here, "fusedloss", {}) is not None}
+        for c in checks:
+            num, den = _select(here, c.num, context or {}), _select(here, c.den, context or {})
+            a, b = (num or {}).get(c.key), (den or {}).get(c.key)
+            value = a / b if (a is not None and b) else None
+            ok = None if value is None else (value >= c.bound if c.at_least else value <= c.bound)
+            entry["checks"].append({"what": c.what, "value": value, "bound": c.bound, "at_least": c.at_least, "ok": ok})
         out.append(entry)
     return out
 
@@ -503,9 +673,12 @@ def header(env: dict, cfg: Config) -> str:
     if cfg.device.type == "cuda":
         lines.append(f"  timing   : triton do_bench median (warmup {cfg.warmup_ms} ms, rep {cfg.rep_ms} ms); "
                      "peak: torch.cuda.max_memory_allocated - allocated before")
+    elif cfg.dry_run:
+        lines.append("  timing   : DRY RUN on the CPU, torch.utils.benchmark median "
+                     "(a check of the script, not a figure)")
     else:
-        lines.append(f"  timing   : perf_counter median of >= {cfg.min_reps} calls after {cfg.warmup} warm-up, "
-                     "implementations taking turns; peak: torch.profiler allocator events, replayed")
+        lines.append(f"  timing   : pytest-benchmark median (>= {cfg.min_rounds} rounds, up to {cfg.max_time:g} s "
+                     f"per test, after {cfg.warmup} warm-up calls); peak: torch.profiler allocator events, replayed")
     load = env.get("load_average")
     if cfg.device.type == "cpu" and load is not None and load > 0.5 * (os.cpu_count() or 1):
         lines.append(f"  WARNING  : load average {load:.1f} on {os.cpu_count()} cores before the run: "
@@ -530,6 +703,13 @@ def num(v, spec) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def ms(v) -> str:
+    """Milliseconds with 3 significant digits or more (0.0123, 1.23, 84.1, 678)."""
+    if v is None:
+        return "-"
+    return f"{v:.3g}" if v < 100 else f"{v:.0f}"
+
+
 def loss_table(rows: list) -> str:
     columns = [("case", "<"), ("dtype", "<"), ("impl", "<"), ("fwd ms", ">"), ("fwd+bwd ms", ">"),
                ("peak MB", ">"), ("fwd GB/s", ">"), ("f+b GB/s", ">"),
@@ -548,7 +728,7 @@ def loss_table(rows: list) -> str:
             continue
         v = r.get("vs_fused", {})
         cells.append(lead + [
-            r["impl"], num(r["fwd_ms"], ".3f"), num(r["fwdbwd_ms"], ".3f"), num(r["peak_bytes"] / MB, ".1f"),
+            r["impl"], ms(r["fwd_ms"]), ms(r["fwdbwd_ms"]), num(r["peak_bytes"] / MB, ".1f"),
             num(r["fwd_gbps"], ".1f"), num(r["fwdbwd_gbps"], ".1f"),
             num(v.get("fwd"), ".2f"), num(v.get("fwdbwd"), ".2f"), num(v.get("mem"), ".2f"),
         ])
@@ -560,12 +740,13 @@ def loss_table(rows: list) -> str:
     return text
 
 
-def targets_text(entries: list) -> str:
+def targets_text(entries: list, quick: bool = False) -> str:
     lines = []
     for e in entries:
         head = f"  target {e['loss']} {e['dtype']} {e['case']}:"
         if not e["ran"]:
-            lines.append(f"{head} not measured (shape not run, or fusedloss failed)")
+            if not quick:  # quick runs measure other shapes: say nothing of the targets they skip
+                lines.append(f"{head} not measured (shape not run, or fusedloss failed)")
             continue
         parts = []
         for c in e["checks"]:
@@ -579,66 +760,44 @@ def targets_text(entries: list) -> str:
 
 # ----------------------------------------------------------------------------- files
 def save(results: dict, out_dir: Path, stem: str) -> dict:
+    """JSON, and the PNG of plot.py (skipped with a note where matplotlib is missing: the PNG
+    can be drawn later from the JSON with `python bench/plot.py FILE.json`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / f"{stem}.json", "png": out_dir / f"{stem}.png"}
     with open(paths["json"], "w") as f:
         json.dump(results, f, indent=1, default=str)
     try:
-        plot(results, paths["png"])
-    except Exception as e:  # matplotlib missing: the JSON is the result, the plot a convenience
-        print(f"plot skipped: {error_text(e)}")
+        import plot
+
+        plot.plot(results, paths["png"])
+    except Exception as e:
+        print(f"plot skipped ({error_text(e)}); later: python bench/plot.py {paths['json']}")
         paths.pop("png")
     return paths
-
-
-def plot(results: dict, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    losses = [name for name in results["losses"] if any("fwd_ms" in r for r in results["losses"][name]["rows"])]
-    if not losses:
-        return
-    fig, axes = plt.subplots(len(losses), 2, figsize=(14, 3.6 * len(losses)), squeeze=False)
-    for ax_row, name in zip(axes, losses):
-        rows = [r for r in results["losses"][name]["rows"] if "fwd_ms" in r]
-        cases = list(dict.fromkeys(f"{r['case']} {r['dtype']}" for r in rows))
-        impls = list(dict.fromkeys(r["impl"] for r in rows))
-        width = 0.8 / len(impls)
-        for ax, key, scale, title in ((ax_row[0], "fwdbwd_ms", 1.0, "fwd+bwd time (ms, log)"),
-                                      (ax_row[1], "peak_bytes", 1.0 / MB, "fwd+bwd peak extra memory (MB)")):
-            for j, impl in enumerate(impls):
-                xs, ys = [], []
-                for i, case in enumerate(cases):
-                    r = next((r for r in rows if r["impl"] == impl and f"{r['case']} {r['dtype']}" == case), None)
-                    if r is not None:
-                        xs.append(i + (j - (len(impls) - 1) / 2) * width)
-                        ys.append(r[key] * scale)
-                ax.bar(xs, ys, width, label=impl)
-            ax.set_xticks(range(len(cases)))
-            ax.set_xticklabels(cases, fontsize=8)
-            ax.set_title(f"{name}: {title}", fontsize=10)
-            if key == "fwdbwd_ms":
-                ax.set_yscale("log")
-        ax_row[0].legend(fontsize=7)
-    env = results["environment"]
-    fig.suptitle(f"fusedloss on {env['device_name']} ({env['threads']} threads), torch {env['torch']}, {env['date']}",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- command line
 def arg_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
-    p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (CI smoke)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few rounds (CI smoke)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU (default: torch's)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and PNG (default bench/results)")
+    p.add_argument("--compare", nargs="?", const="", default=None, metavar="RUN",
+                   help="CPU: compare with an earlier run saved under OUT/pytest-benchmark (the latest, or RUN: "
+                        "a number such as 0003, or a file); pytest-benchmark prints the comparison on stderr")
+    p.add_argument("--pytest-args", default="", metavar="ARGS",
+                   help="CPU: more pytest / pytest-benchmark options, "
+                        'e.g. --pytest-args="--benchmark-compare-fail=median:10%%"')
     return p
+
+
+def quick_config(cfg: Config) -> Config:
+    cfg.quick = True
+    cfg.warmup, cfg.min_rounds, cfg.max_time = 1, 3, 0.2
+    cfg.warmup_ms, cfg.rep_ms = 10, 30
+    return cfg
 
 
 def config_from(args) -> Config:
@@ -650,21 +809,30 @@ def config_from(args) -> Config:
         torch.cuda.set_device(device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = Config(device=device, quick=args.quick, compile=not args.no_compile, threads=torch.get_num_threads())
-    if args.quick:
-        cfg.warmup, cfg.min_reps, cfg.max_reps, cfg.budget_s = 1, 3, 50, 0.2
-        cfg.warmup_ms, cfg.rep_ms = 10, 30
-    return cfg
+    cfg = Config(device=device, compile=not args.no_compile, threads=torch.get_num_threads())
+    return quick_config(cfg) if args.quick else cfg
 
 
-def run(benches: list, cfg: Config, out_dir: Path, prelude: Optional[Callable] = None, log=None) -> dict:
+def pytest_extra_args(args) -> list:
+    import shlex
+
+    extra = shlex.split(getattr(args, "pytest_args", "") or "")
+    compare = getattr(args, "compare", None)
+    if compare is not None:
+        extra.append("--benchmark-compare" + (f"={compare}" if compare else ""))
+    return extra
+
+
+def run(benches: list, cfg: Config, out_dir: Path, prelude: Optional[Callable] = None, log=None,
+        pytest_args=(), stem: Optional[str] = None, context: Optional[dict] = None) -> dict:
     """Prints the header, runs prelude() (run_all's correctness summary and GPU report: a dict
-    stored in the JSON as given), then every bench over its shapes with a table (and targets)
-    per loss, and saves JSON and PNG."""
+    stored in the JSON as given), then every bench over its cases with a table (and targets)
+    per loss, and saves JSON and PNG. CPU: the timings come from one pytest-benchmark session
+    over all benches; CUDA (and dry runs): case by case in this process."""
     env = environment(cfg)
     print(header(env, cfg), flush=True)
-    results = {"environment": env, "config": {"quick": cfg.quick, "compile": cfg.compile, "threads": cfg.threads},
-               "losses": {}}
+    results = {"environment": env, "losses": {},
+               "config": {"quick": cfg.quick, "compile": cfg.compile, "threads": cfg.threads, "dry_run": cfg.dry_run}}
     if cfg.device.type == "cpu":
         check = results["cpu_peak_check"] = check_cpu_peak()
         print(f"  peak check: {check['measured_bytes']} B measured for {check['expected_bytes']} B allocated "
@@ -672,19 +840,25 @@ def run(benches: list, cfg: Config, out_dir: Path, prelude: Optional[Callable] =
     print(flush=True)
     if prelude is not None:
         results.update(prelude())
+    stem = stem or f"{cfg.device.type}-{time.strftime('%Y%m%d-%H%M%S')}" + ("-quick" if cfg.quick else "")
     t_start = time.perf_counter()
+    if cfg.device.type == "cpu" and not cfg.dry_run:
+        by_loss, bench_json = run_cpu_pytest(benches, cfg, out_dir, stem, pytest_args)
+        results["pytest_benchmark_json"] = str(bench_json)
+    else:
+        by_loss = {b.name: [row for case in b.shapes(cfg.device.type, cfg.quick)
+                            for row in run_case(b, case, cfg, log=log)] for b in benches}
     for bench in benches:
-        rows = []
-        for shape, dtype in bench.shapes(cfg.device.type, cfg.quick):
-            rows += run_case(bench, shape, dtype, cfg, log=log)
-        targets = check_targets(bench, rows)
-        results["losses"][bench.name] = {"rows": rows, "targets": targets}
-        print(f"\n== {bench.name} ==\n{loss_table(rows)}", flush=True)
-        if targets and not cfg.quick:
-            print(targets_text(targets), flush=True)
+        rows = by_loss.get(bench.name, [])
+        targets = check_targets(bench, rows, context)
+        results["losses"][bench.name] = {"rows": rows, "targets": targets, "title": bench.title}
+        print(f"\n== {bench.name} ==" + (f"  ({bench.title})" if bench.title else "") + f"\n{loss_table(rows)}",
+              flush=True)
+        text = targets_text(targets, cfg.quick)
+        if text:
+            print(text, flush=True)
         print(flush=True)
     results["elapsed_s"] = time.perf_counter() - t_start
-    stem = f"{cfg.device.type}-{time.strftime('%Y%m%d-%H%M%S')}" + ("-quick" if cfg.quick else "")
     paths = save(results, out_dir, stem)
     print("saved " + ", ".join(str(p) for p in paths.values()) + f"  (benchmarks: {results['elapsed_s']:.0f} s)")
     return results
@@ -693,4 +867,4 @@ def run(benches: list, cfg: Config, out_dir: Path, prelude: Optional[Callable] =
 def main(benches: list, description: str):
     """Entry point of a single runner: python bench/bench_<loss>.py [--device ...]."""
     args = arg_parser(description).parse_args()
-    run(benches, config_from(args), args.out)
+    run(benches, config_from(args), args.out, pytest_args=pytest_extra_args(args))

@@ -1,24 +1,22 @@
 """The main benchmark: correctness summary, then every loss's runner, one table per loss,
-results saved as JSON and PNG (bench/results/ or --out).
+results saved as JSON and PNG (bench/results/ or --out). CPU timings: pytest-benchmark
+(bench/test_bench_cpu.py, run in this process); CUDA: triton.testing.do_bench.
 
     python bench/run_all.py                 # default shapes for the device (cuda if available)
-    python bench/run_all.py --quick         # tiny shapes: CI smoke, under a minute on 2 cores
-    python bench/run_all.py --device cpu --losses cross_entropy,bce --out /tmp/bench
+    python bench/run_all.py --quick         # tiny shapes: CI smoke, about a minute on 2 cores
+    python bench/run_all.py --device cpu --losses ce,linear,host --out /tmp/bench
+    python bench/run_all.py --device cpu --compare   # and pytest-benchmark's comparison with the last run
 """
 import math
 import sys
 
+import benches as registry
 import harness
 import torch
 
 import fusedloss
-from bench_bce import BENCH as BCE
-from bench_cross_entropy import BENCH as CROSS_ENTROPY
-from bench_focal import BENCH as FOCAL
-from bench_sigmoid_focal import BENCH as SIGMOID_FOCAL
 
-BENCHES = {b.name: b for b in (CROSS_ENTROPY, FOCAL, BCE, SIGMOID_FOCAL)}
-ALIASES = {"ce": "cross_entropy", "softmax_focal": "focal", "bce_with_logits": "bce"}
+BENCHES = registry.BENCHES
 
 # SPEC section 5: (loss rel, loss abs, gradient abs) against a float64 evaluation of PyTorch's formula
 TOLERANCES = {
@@ -51,6 +49,8 @@ def correctness(benches, device) -> list:
     rows = []
     reasons = fusedloss.backends(device.type)
     for bench in benches:
+        if bench.check_shape is None:  # a runner over a kernel another runner checks (host, linear)
+            continue
         for backend, why in reasons.items():
             base = {"loss": bench.name, "backend": backend}
             if why is not None:
@@ -97,17 +97,17 @@ def correctness_table(rows) -> str:
 
 def main():
     p = harness.arg_parser(__doc__.splitlines()[0])
-    p.add_argument("--losses", default=",".join(BENCHES), help=f"comma-separated, of: {', '.join(BENCHES)}")
+    p.add_argument("--losses", default=",".join(BENCHES),
+                   help=f"comma-separated, of: {', '.join(BENCHES)} (or {', '.join(registry.ALIASES)})")
     p.add_argument("--no-correctness", action="store_true", help="skip the correctness summary")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--gpu-report", action="store_true", help="static Triton kernel report (default: on CUDA only)")
     g.add_argument("--no-gpu-report", action="store_true")
     args = p.parse_args()
-    names = [ALIASES.get(n.strip(), n.strip()) for n in args.losses.split(",") if n.strip()]
-    unknown = [n for n in names if n not in BENCHES]
-    if unknown:
-        p.error(f"unknown loss {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
-    benches = [BENCHES[n] for n in names]
+    try:
+        benches = registry.select(args.losses)
+    except ValueError as e:
+        p.error(str(e))
     cfg = harness.config_from(args)
 
     def prelude():
@@ -124,7 +124,7 @@ def main():
             print(gpu_report.report_text(extra["gpu_report"]) + "\n", flush=True)
         return extra
 
-    results = harness.run(benches, cfg, args.out, prelude=prelude)
+    results = harness.run(benches, cfg, args.out, prelude=prelude, pytest_args=harness.pytest_extra_args(args))
     failed = [r for r in results.get("correctness", []) if r.get("ok") is False]
     return 1 if failed else 0
 
