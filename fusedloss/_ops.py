@@ -62,11 +62,20 @@ FAKES = {
 }
 
 
+POOLED_BYTES = 1 << 20  # csrc/cpu/grad_pool.cpp kMinPooled: smaller buffers are plain allocations
+
+
 def empty_grad(like):
     """Uninitialized gradient buffer like `like` (contiguous): from the extension's cache
-    of freed blocks on the CPU (csrc/cpu/grad_pool.cpp), torch.empty_like elsewhere."""
-    if like.device.type == "cpu" and _ext.has_kernel("empty_grad", "CPU") and not torch.compiler.is_compiling():
-        return torch.ops.fusedloss.empty_grad(like)
+    of freed blocks for large CPU buffers (csrc/cpu/grad_pool.cpp), torch.empty_like
+    elsewhere."""
+    if (
+        like.device.type == "cpu"
+        and like.numel() * like.element_size() >= POOLED_BYTES
+        and _ext.has_kernel("empty_grad", "CPU")
+        and not torch.compiler.is_compiling()
+    ):
+        return torch.ops.fusedloss.empty_grad.default(like)
     return torch.empty_like(like, memory_format=torch.contiguous_format)
 
 
