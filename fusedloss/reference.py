@@ -94,25 +94,36 @@ def _reduce(loss, count, reduction, out_dtype):
     return total.to(out_dtype), denom
 
 
-def _finish(loss, count, counted, out_of_range, coefs, reduction, out_dtype):
+def _finish(loss, count, counted, out_of_range, coefs, reduction, out_dtype, logits_dtype):
     """Zero the non-counted rows, NaN the out-of-range ones; stats [lse, coef_p, smooth,
     target_coef] per row, [-inf, 0, 0, 0] for rows whose gradient is 0. Returns
-    (out, denom, stats) as csrc/ops.cpp's forward ops."""
+    (out, denom, stats) as csrc/ops.cpp's forward ops.
+
+    The forward ops compute in float64 (a confident float32 row's loss is a small number
+    that float32 sums of exp lose) and round here to the accumulation dtype, folding the
+    rounding of lse into coef_p as the kernels do (csrc/common/softmax_row.h
+    fold_lse_rounding): backward's p_c = exp(z_c - lse) from the rounded lse, times that
+    coef_p, is the exact p_c's term."""
+    acc = acc_dtype(logits_dtype)
     zero = torch.zeros_like(loss)
     loss = torch.where(counted, loss, zero)
     loss = torch.where(out_of_range, torch.full_like(loss, float("nan")), loss)
     count = torch.where(counted, count, zero)
-    stats = torch.cat([torch.broadcast_to(c, loss.shape) for c in coefs], dim=1)  # (N, 4, D)
+    lse, coef_p, smooth, target_coef = (torch.broadcast_to(c, loss.shape) for c in coefs)
+    lse_rounded = lse.to(acc).to(lse.dtype)
+    finite = torch.isfinite(lse)
+    coef_p = torch.where(finite, coef_p * (1 - (lse - torch.where(finite, lse_rounded, lse))), coef_p)
+    stats = torch.cat([lse, coef_p, smooth, target_coef], dim=1)  # (N, 4, D)
     dead = torch.tensor([float("-inf"), 0.0, 0.0, 0.0], dtype=loss.dtype, device=loss.device).view(1, 4, 1)
-    stats = torch.where(counted, stats, dead).permute(0, 2, 1).contiguous()  # (N, D, 4)
+    stats = torch.where(counted, stats, dead).permute(0, 2, 1).contiguous().to(acc)  # (N, D, 4)
     out, denom = _reduce(loss, count, reduction, out_dtype)
-    return out, denom, stats
+    return out, denom.to(acc), stats
 
 
 def ce_fwd(logits, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap, reduction, out_dtype):
     """Cross-entropy. logits (N, C, D); target (N, D) int64 or (N, C, D) probabilities;
     weight (C,) acc or None; mask (N, C, D) bool or None. Returns (out, denom, stats)."""
-    acc = acc_dtype(logits.dtype)
+    acc = torch.float64  # see _finish: rounded to the kernels' accumulation dtype at the end
     x = logits.to(acc)
     eps, zl = float(label_smoothing), float(z_loss)
     allowed, z, lse, p, dz_dx, has_nan = _softmax_parts(x, mask, float(softcap))
@@ -140,7 +151,7 @@ def ce_fwd(logits, target, weight, mask, ignore_index, label_smoothing, z_loss, 
         counted = allowed.any(dim=1, keepdim=True) | has_nan  # only empty rows are not counted
         no_row = torch.zeros_like(counted)
         keep = torch.full_like(lse, 1 - eps)
-        return _finish(loss, torch.ones_like(loss), counted, no_row, (lse, coef_p, smooth, keep), reduction, out_dtype)
+        return _finish(loss, torch.ones_like(loss), counted, no_row, (lse, coef_p, smooth, keep), reduction, out_dtype, logits.dtype)
 
     counted, out_of_range, t = _class_rows(x, target, ignore_index, allowed, has_nan)
     w_t = w.expand(x.shape[0], -1, x.shape[2]).gather(1, t)  # (N, 1, D)
@@ -157,13 +168,13 @@ def ce_fwd(logits, target, weight, mask, ignore_index, label_smoothing, z_loss, 
         coef_p = coef_p + 2 * zl * w_t * lse
     loss = torch.where(torch.isnan(lse), lse, loss)  # rule 8: NaN stays, whatever w_t is
     coefs = (lse, coef_p, smooth, (1 - eps) * w_t)
-    return _finish(loss, w_t, counted, out_of_range, coefs, reduction, out_dtype)
+    return _finish(loss, w_t, counted, out_of_range, coefs, reduction, out_dtype, logits.dtype)
 
 
 def focal_fwd(logits, target, alpha, mask, ignore_index, gamma, reduction, out_dtype):
     """Softmax focal loss per row: -alpha_t * (1 - p_t)^gamma * log(p_t).
     logits, mask as ce_fwd; target (N, D) int64; alpha (C,) acc or None."""
-    acc = acc_dtype(logits.dtype)
+    acc = torch.float64  # see _finish
     x = logits.to(acc)
     gamma = float(gamma)
     allowed, z, lse, p, _, has_nan = _softmax_parts(x, mask, 0.0)
@@ -186,7 +197,7 @@ def focal_fwd(logits, target, alpha, mask, ignore_index, gamma, reduction, out_d
     correction = torch.where(p_t == 0, torch.zeros_like(p_t), gamma * p_t * r)
     G = alpha_t * q_g * (1 - correction)
     coefs = (lse, G, torch.zeros_like(G), G)
-    return _finish(loss, torch.ones_like(loss), counted, out_of_range, coefs, reduction, out_dtype)
+    return _finish(loss, torch.ones_like(loss), counted, out_of_range, coefs, reduction, out_dtype, logits.dtype)
 
 
 def _scale(grad_out, denom, reduction, acc):
@@ -201,9 +212,11 @@ def _scale(grad_out, denom, reduction, acc):
 
 
 def softmax_bwd(grad_out, logits, target, weight, mask, stats, denom, softcap, reduction, grad):
-    """Backward of ce_fwd / focal_fwd from their stats (csrc/ops.cpp); writes grad."""
-    acc = acc_dtype(logits.dtype)
+    """Backward of ce_fwd / focal_fwd from their stats (csrc/ops.cpp); writes grad. Computed
+    in float64 from the stats as stored (z_c - lse is exact for neighbouring values)."""
+    acc = torch.float64
     x = logits.to(acc)
+    stats = stats.to(acc)
     allowed, z, _, _, dz_dx, _ = _softmax_parts(x, mask, float(softcap))
     lse, coef_p, smooth, target_coef = (stats[..., k].unsqueeze(1) for k in range(4))  # (N, 1, D)
     live = lse != float("-inf")

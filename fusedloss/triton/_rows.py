@@ -13,6 +13,7 @@ The helpers here are the pieces every row kernel needs, written once:
   * `_online_merge`  -- merges a tile into a running (max, sum exp) pair, -inf safe
   * `_relative_sum`  -- a running sum of w_c (z_c - max) that follows the running max
   * `_row_lse`       -- log-sum-exp of the merged pair, NaN when the row held a NaN
+  * `_fold_lse_rounding` -- the float32 lse's rounding, folded into coef_p
   * `_store_stats`   -- the four per-row numbers backward reads (csrc/ops.cpp)
   * `_pow`           -- q ** gamma with the focal conventions (q^0 = 1)
   * `_expm1`         -- accurate exp(x) - 1 (tl has no expm1 on every version)
@@ -145,6 +146,20 @@ def _relative_sum(total, weight, m_old, m_new, w, z):
     ref_new = tl.where(m_new == float("-inf"), 0.0, m_new)
     shift = tl.where(weight == 0, 0.0, weight * (ref_old - ref_new))
     return total + shift + tl.sum(tl.where(w != 0, w * (z - ref_new), 0.0), 0)
+
+
+@triton.jit
+def _fold_lse_rounding(coef_p, m, s, lse, ACC: tl.constexpr):
+    """coef_p with the rounding of the stored float32 lse folded in (as the CPU and CUDA
+    kernels do, csrc/common/softmax_row.h fold_lse_rounding). Backward computes
+    p_c = exp(z_c - lse) from the float32 lse, whose rounding (half an ulp of |lse|: 1.5e-5
+    at logits ~300) every p_c inherits. With lse_d = m + log(s) in float64,
+    exp(z_c - lse_d) = exp(z_c - lse) * (1 - (lse_d - lse)) to 1e-13, and coef_p is the only
+    coefficient that multiplies p_c, so it takes the factor. One float64 log per row."""
+    if ACC == tl.float32:
+        lse_d = m.to(tl.float64) + tl.log(s.to(tl.float64))
+        coef_p = (coef_p.to(tl.float64) * (1.0 - (lse_d - lse.to(tl.float64)))).to(ACC)
+    return coef_p
 
 
 @triton.jit

@@ -22,7 +22,8 @@ import triton.language as tl
 from fusedloss._ops import acc_dtype
 from fusedloss.triton._launch import row_config
 from fusedloss.triton._rows import (
-    _logit_tile, _online_merge, _reduce_rows, _relative_sum, _row_base, _row_kind, _row_lse, _scalar, _store_stats,
+    _fold_lse_rounding, _logit_tile, _online_merge, _reduce_rows, _relative_sum, _row_base, _row_kind, _row_lse,
+    _scalar, _store_stats,
 )
 
 
@@ -132,6 +133,7 @@ def _ce_fwd_kernel(
     loss = tl.where(out_of_range, float("nan"), loss)
     tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
     tl.store(count_ptr + row, tl.where(counted, w_t, 0.0))
+    coef_p = _fold_lse_rounding(coef_p, m, s, lse, ACC)
     _store_stats(stats_ptr, row, counted, lse, coef_p, smooth, tw)
 
 
@@ -232,6 +234,7 @@ def _ce_prob_fwd_kernel(
     loss = tl.where(lse != lse, float("nan"), loss)
     tl.store(loss_ptr + row, tl.where(counted, loss, 0.0).to(loss_ptr.dtype.element_ty))
     tl.store(count_ptr + row, tl.where(counted, 1.0, 0.0).to(ACC))
+    coef_p = _fold_lse_rounding(coef_p, m, s, lse, ACC)
     _store_stats(stats_ptr, row, counted, lse, coef_p, smooth, keep)
 
 

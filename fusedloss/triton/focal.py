@@ -12,7 +12,8 @@ import triton.language as tl
 from fusedloss._ops import acc_dtype
 from fusedloss.triton._launch import row_config
 from fusedloss.triton._rows import (
-    _expm1, _logit_tile, _online_merge, _pow, _reduce_rows, _row_base, _row_kind, _row_lse, _scalar, _store_stats,
+    _expm1, _fold_lse_rounding, _logit_tile, _online_merge, _pow, _reduce_rows, _row_base, _row_kind, _row_lse,
+    _scalar, _store_stats,
 )
 
 
@@ -95,7 +96,7 @@ def _focal_fwd_kernel(
     # In the stats' terms: coef_p = target_coef = G, smooth = 0.
     r = tl.where(q == 0, -1.0, tl.where(p == 0, 0.0, logp / q))
     G = alpha_t * qg * (1.0 - g_pow * p * r)
-    _store_stats(stats_ptr, row, counted, lse, G, tl.zeros([], ACC), G)
+    _store_stats(stats_ptr, row, counted, lse, _fold_lse_rounding(G, m, s, lse, ACC), tl.zeros([], ACC), G)
 
 
 def focal_fwd(logits, target, alpha, mask, ignore_index, gamma, reduction, out_dtype):
