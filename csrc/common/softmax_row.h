@@ -8,8 +8,11 @@
 //   pass 1 (every row)        online max / sum-exp over the allowed classes (+ the sums the
 //                             smoothing and probability targets need)       -> RowStats
 //   finalize (once per row)   row stats -> loss, count, gradient coefficients -> RowCoefs
-//   pass 2 (grad given only)  per element: coef_p * p_c - coef_y_c, p_c = exp(z_c - lse),
-//                             times dz/dx under softcap; the target gets target_grad().
+//   stats (forward output)    RowCoefs -> [lse, coef_p, smooth, target_coef]: write_stats
+//   backward (softmax_bwd)    per element: coef_p * p_c - coef_y_c, p_c = exp(z_c - lse),
+//                             times dz/dx under softcap, times grad_out (/ denom), from the
+//                             stats alone (read_stats, index_elem_grad / prob_elem_grad); at
+//                             c == t this is the value target_grad() gives.
 //
 // Namespacing: on the CPU every kernel file is compiled once per capability (DEFAULT, AVX2,
 // AVX512) with different instruction-set flags. Inline functions with the same mangled name
@@ -22,10 +25,16 @@
 #include <math.h>
 #include <stdint.h>
 
+#ifndef FUSEDLOSS_HD
+// Always inlined on the host too: GCC left the per-row finalize out of line, and returning its
+// RowCoefs through memory stalled the K-dim lane loop (20% of its forward).
 #if defined(__CUDACC__)
 #define FUSEDLOSS_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define FUSEDLOSS_HD inline __attribute__((always_inline))
 #else
 #define FUSEDLOSS_HD inline
+#endif
 #endif
 
 #if defined(CPU_CAPABILITY) && !defined(__CUDACC__)
@@ -147,9 +156,12 @@ struct RowStats {
   // small, instead of cancelling lse * sum(w) against sum(w z) (float32 over 32k classes
   // with logits ~20 lost ~3 digits of a small loss that way). 0 = raw sums.
   T zref = T(0);
+  // m + log(s) in double, when the caller has it (the CPU lane path takes the logs of a
+  // vector of rows at once); NaN: fold_lse_rounding computes it.
+  double lse_d = NAN;
 };
 
-// What pass 2 needs for one row. Every gradient of these losses has the form
+// What the gradient needs for one row. Every gradient of these losses has the form
 //   dloss/dz_c = coef_p * p_c - coef_y_c        (allowed c != t)
 // (the softmax Jacobian applied to a per-class "target" vector), with
 //   coef_y_c = smooth * w_c                      class targets (0 without smoothing)
@@ -190,6 +202,28 @@ FUSEDLOSS_HD T lse_of(const RowStats<T>& st) { return st.m + Math<T>::log(st.s);
 template <typename T>
 FUSEDLOSS_HD T coef_times(T a, T b) { return a == T(0) ? T(0) : a * b; }
 
+// Float32 stats store lse rounded to float: an error of up to half an ulp of |lse| (5e-7 at
+// lse ~ 12, 1e-6 past 16) that every p_c = exp(z_c - lse) in backward inherits, so ~1e-6 on a
+// gradient near 1, the float32 tolerance (measured: 6.8e-7 from this alone). The rounding is
+// known here: with lse_d = m + log(s) in double,
+//   exp(z_c - lse_d) = exp(z_c - lse) * exp(lse - lse_d),   exp(lse - lse_d) = 1 - (lse_d - lse)
+// to 1e-13, and coef_p is the only coefficient that multiplies p_c, so it takes the factor:
+// backward's coef_p * exp(z_c - lse), with the stored lse, is then coef_p * p_c to float
+// rounding (measured: 6.4e-7 -> 2.9e-7). One double log per row; float64 needs nothing.
+// Called by the finalize functions, after coef_p is final.
+template <typename T>
+FUSEDLOSS_HD void fold_lse_rounding(const RowStats<T>& st, RowCoefs<T>& r) {
+  if (sizeof(T) >= sizeof(double) || !(r.lse == r.lse) || r.lse == pos_inf<T>()) return;
+  const double lse_d =
+      st.lse_d == st.lse_d ? st.lse_d : static_cast<double>(st.m) + ::log(static_cast<double>(st.s));
+  r.coef_p = static_cast<T>(static_cast<double>(r.coef_p) * (1.0 - (lse_d - static_cast<double>(r.lse))));
+}
+
+// A NaN logit in a counted row makes lse NaN; the loss must be NaN too (SPEC rule 8), even
+// where coef_times dropped the term whose coefficient is 0 (w_t = 0, alpha_t = 0, eps = 1).
+template <typename T>
+FUSEDLOSS_HD T nan_of_row(T lse, T loss) { return lse != lse ? lse : loss; }
+
 // Cross-entropy with class-index target t (row already known counted: not ignored, in range).
 //   loss = (1 - eps) w_t (lse - z_t) + (eps/|A|) sum_{c in A} w_c (lse - z_c) + zl w_t lse^2
 //        = (1 - eps) w_t (lse - z_t) + (eps/|A|) (W_A lse - sum_A w_c z_c)  + zl w_t lse^2
@@ -220,6 +254,8 @@ FUSEDLOSS_HD RowCoefs<T> ce_finalize_index(const RowStats<T>& st, T z_t, T w_t, 
     r.loss += zl * w_t * r.lse * r.lse;
     r.coef_p += T(2) * zl * w_t * r.lse;
   }
+  fold_lse_rounding(st, r);
+  r.loss = nan_of_row(r.lse, r.loss);
   return r;
 }
 
@@ -252,6 +288,8 @@ FUSEDLOSS_HD RowCoefs<T> ce_finalize_prob(const RowStats<T>& st, T eps, T zl, bo
     r.loss += zl * r.lse * r.lse;
     r.coef_p += T(2) * zl * r.lse;
   }
+  fold_lse_rounding(st, r);
+  r.loss = nan_of_row(r.lse, r.loss);
   return r;
 }
 
@@ -283,10 +321,12 @@ FUSEDLOSS_HD RowCoefs<T> focal_finalize(const RowStats<T>& st, T z_t, T alpha_t,
   const T G = gamma == T(0) ? alpha_t : alpha_t * qg * (T(1) - gamma * p * ratio);
   r.coef_p = G;
   r.target_coef = G;
+  fold_lse_rounding(st, r);
+  r.loss = nan_of_row(r.lse, r.loss);
   return r;
 }
 
-// ----------------------------------------------------------------------------- per element (pass 2)
+// ----------------------------------------------------------------------------- per element (gradient)
 // V is a scalar (float, double) or, on the CPU, at::vec::Vectorized<float/double>; every
 // argument is already of type V (broadcast by the caller).
 
@@ -313,6 +353,85 @@ FUSEDLOSS_HD T target_grad(const RowCoefs<T>& r, T z_t, T dzdx_t, T w_t, bool t_
   if (!t_allowed) return -r.target_coef;
   const T p_t = Math<T>::exp(z_t - r.lse);
   return (r.coef_p * p_t - r.smooth * w_t - r.target_coef) * dzdx_t;
+}
+
+// ----------------------------------------------------------------------------- stats (forward -> backward)
+// The forward op stores per row what softmax_bwd needs, stats[4] in the accumulation type:
+//   [0] lse          -inf marks a row whose gradient is exactly 0 (ignored / empty / out of
+//                    range): backward writes zeros and reads none of its logits
+//   [1] coef_p       [2] smooth       [3] target_coef       (0 on rows without gradient)
+// For probability targets target_coef is (1 - eps): with y'_c = (1 - eps) y_c + smooth [c in A]
+// (ce_finalize_prob), coef_y_c = w_c y'_c = w_c (target_coef y_c + smooth [c in A]).
+enum StatsSlot : int { kStatLse = 0, kStatCoefP = 1, kStatSmooth = 2, kStatTargetCoef = 3, kNumStats = 4 };
+
+// `prob_hard` is (1 - eps) for probability targets; index targets keep r.target_coef.
+template <typename T>
+FUSEDLOSS_HD void write_stats(const RowCoefs<T>& r, T* stats, bool prob, T prob_hard) {
+  if (!r.grad) {
+    stats[kStatLse] = neg_inf<T>();
+    stats[kStatCoefP] = stats[kStatSmooth] = stats[kStatTargetCoef] = T(0);
+    return;
+  }
+  stats[kStatLse] = r.lse;
+  stats[kStatCoefP] = r.coef_p;
+  stats[kStatSmooth] = r.smooth;
+  stats[kStatTargetCoef] = prob ? prob_hard : r.target_coef;
+}
+
+// One row's backward coefficients, with the gradient's scale (grad_out, / denom) folded in:
+//   dloss/dz_c * scale = (coef_p scale) p_c - (coef_y_c scale)
+// (scale multiplies four numbers once per row instead of every element).
+template <typename T>
+struct BwdRow {
+  T lse = neg_inf<T>();
+  T coef_p = T(0), smooth = T(0), target_coef = T(0);
+};
+
+template <typename T>
+FUSEDLOSS_HD bool row_has_grad(T lse) { return lse != neg_inf<T>(); }
+
+template <typename T>
+FUSEDLOSS_HD BwdRow<T> read_stats(const T* stats, T scale) {
+  BwdRow<T> b;
+  b.lse = stats[kStatLse];
+  if (!row_has_grad(b.lse)) return b;
+  b.coef_p = stats[kStatCoefP] * scale;
+  b.smooth = stats[kStatSmooth] * scale;
+  b.target_coef = stats[kStatTargetCoef] * scale;
+  return b;
+}
+
+// The scale of a "mean" gradient: grad_out / denom, 0 when denom == 0 (SPEC rule 6: a mean
+// over no counted row is 0, with zero gradient). "sum": grad_out; "none": grad_out[row].
+template <typename T>
+FUSEDLOSS_HD T mean_scale(T grad_out, T denom) { return denom == T(0) ? T(0) : grad_out / denom; }
+
+// An allowed class's gradient (scalar or vector V): (coef_p p_c - coef_y_c) dz/dx, with
+// p_c = exp(z_c - lse), coef_y_c as in RowCoefs (for a class-index target including its
+// extra target_coef), dzdx = 1 without softcap.
+template <typename V>
+FUSEDLOSS_HD V allowed_grad(V z, V dzdx, V lse, V coef_p, V coef_y) {
+  return grad_of_p(softmax_p(z, lse), coef_p, coef_y) * dzdx;
+}
+
+// Element c of a class-index row (scalar form; the CPU kernel runs the same arithmetic on
+// vectors). z = softcap(x) of an allowed class; a masked class gets exactly 0, a masked
+// target (rule 4) -target_coef, with no softcap factor (the class has no logit to cap).
+template <typename T>
+FUSEDLOSS_HD T index_elem_grad(const BwdRow<T>& b, T z, T dzdx, T w_c, bool allowed, bool is_target) {
+  if (!allowed) return is_target ? -b.target_coef : T(0);
+  const T coef_y = b.smooth * w_c + (is_target ? b.target_coef : T(0));
+  return allowed_grad(z, dzdx, b.lse, b.coef_p, coef_y);
+}
+
+// Element c of a probability-target row: coef_y_c = w_c (target_coef y_c + smooth [c in A]).
+// A masked class with y_c > 0 keeps -w_c target_coef y_c (rule 4); target_coef = 0 (eps = 1)
+// drops that term outright.
+template <typename T>
+FUSEDLOSS_HD T prob_elem_grad(const BwdRow<T>& b, T z, T dzdx, T w_c, T y_c, bool allowed) {
+  const T wy = coef_times(b.target_coef, w_c * y_c);
+  if (!allowed) return -wy;
+  return allowed_grad(z, dzdx, b.lse, b.coef_p, wy + b.smooth * w_c);
 }
 
 FUSEDLOSS_ROW_NAMESPACE_END
