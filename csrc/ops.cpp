@@ -67,6 +67,25 @@ TORCH_LIBRARY(fusedloss, m) {
   m.def(
       "softmax_bwd(Tensor grad_out, Tensor logits, Tensor target, Tensor? weight, Tensor? mask, "
       "Tensor stats, Tensor denom, float softcap, int reduction, Tensor(a!) grad) -> ()");
+  // The whole differentiable loss, forward and backward in C++ (csrc/autograd.cpp: a
+  // torch::autograd::Function at the Autograd key, no Python autograd.Function), in the
+  // caller's shapes (the canonical views are taken inside, below autograd):
+  //   logits (C,), (N, C) or (N, C, d1..dK), any float dtype, any strides
+  //   target class indices int64 / int32 of the logits' shape without dim 1 ((), (N,),
+  //          (N, d1..dK)), or probabilities of the logits' shape, any float dtype (read in
+  //          the logits' dtype)
+  //   weight (C,) acc contiguous or None; mask bool, broadcastable to the logits, or None
+  //   kind   0: ce_fwd (label_smoothing, z_loss, softcap); 1: focal_fwd (gamma, weight =
+  //          alpha; label_smoothing = z_loss = softcap = 0)
+  // Returns the forward op's `out`: reduction 0 in the target's shape (probabilities: the
+  // logits' without dim 1), else (). Backward allocates the gradient (inplace_backward: writes
+  // it into the logits' storage, once per forward) and calls softmax_bwd. Only the logits get
+  // a gradient: the target and the weight must not require one (soft targets that do: the
+  // ops above, through functional.py's _SoftmaxLossFn). Differentiating the gradient raises.
+  m.def(
+      "softmax_loss(Tensor logits, Tensor target, Tensor? weight, Tensor? mask, int kind, int ignore_index, "
+      "float label_smoothing, float z_loss, float softcap, float gamma, int reduction, ScalarType out_dtype, "
+      "bool inplace_backward) -> Tensor");
 
   // ---- BCE-with-logits (gamma == 0 and alpha < 0) and torchvision's sigmoid focal loss,
   // elementwise over a 2-D view (M, L) of the input.

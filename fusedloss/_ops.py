@@ -31,6 +31,19 @@ def focal_fwd_fake(logits, target, alpha, mask, ignore_index, gamma, reduction, 
     return _softmax_fwd_fake(logits, reduction, out_dtype)
 
 
+def softmax_loss_fake(logits, target, weight, mask, kind, ignore_index, label_smoothing, z_loss, softcap, gamma,
+                      reduction, out_dtype, inplace_backward):
+    # the caller's shapes: reduction 0 gives the target's shape (probabilities: the logits'
+    # without dim 1)
+    if reduction != 0:
+        shape = ()
+    elif target.dtype.is_floating_point:
+        shape = logits.shape[:1] + logits.shape[2:] if logits.dim() >= 2 else ()
+    else:
+        shape = target.shape
+    return logits.new_empty(shape, dtype=out_dtype)
+
+
 def softmax_bwd_fake(grad_out, logits, target, weight, mask, stats, denom, softcap, reduction, grad):
     return None
 
@@ -55,6 +68,7 @@ FAKES = {
     "ce_fwd": ce_fwd_fake,
     "focal_fwd": focal_fwd_fake,
     "softmax_bwd": softmax_bwd_fake,
+    "softmax_loss": softmax_loss_fake,
     "binary_fwd": binary_fwd_fake,
     "binary_bwd": binary_bwd_fake,
     "scale_grad": scale_grad_fake,

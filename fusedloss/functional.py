@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fusedloss import _backend, _ops, reference
+from fusedloss import _backend, _ext, _ops, reference
 from fusedloss._ops import REDUCTION_CODES, acc_dtype
 
 __all__ = ["cross_entropy", "binary_cross_entropy_with_logits", "sigmoid_focal_loss", "focal_loss"]
@@ -111,14 +111,26 @@ def _check_class_target(input, target):
     return expected
 
 
-def _class_mask(mask, input):
+def _check_class_mask(mask, input):
     if mask is None:
-        return None
+        return
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool Tensor (True = class allowed), got {getattr(mask, 'dtype', type(mask).__name__)}")
     _check_device("mask", mask, input)
     _check_broadcastable("mask", mask, input)
-    return _rows3(mask.expand(input.shape))
+
+
+def _class_mask(mask, input):
+    """The mask, checked, as the (N, C, D) view of the canonical logits."""
+    _check_class_mask(mask, input)
+    return None if mask is None else _rows3(mask.expand(input.shape))
+
+
+def _index_rows(target, x):
+    """Class indices as the (N, D) int64 view of the canonical (N, C, D) logits."""
+    if target.dtype != torch.int64:
+        target = target.to(torch.int64)
+    return target.reshape(x.shape[0], x.shape[2])
 
 
 def _check_broadcastable(name, t, input):
@@ -174,12 +186,14 @@ class _SoftmaxLossFn(torch.autograd.Function):
     inplace_backward the gradient is written into the logits' storage (no N x C buffer)."""
 
     @staticmethod
-    def forward(ctx, x, target, weight, mask, bwd_weight, op, params, softcap, reduction, inplace, backend, eps):
+    def forward(ctx, x, target, weight, mask, bwd_weight, cfg):
         # x (N, C, D); target (N, D) int64 or (N, C, D) probabilities; weight (C,) acc; mask
         # (N, C, D) bool; bwd_weight: the weight backward needs (None when only the stats do);
-        # op "ce_fwd" / "focal_fwd", called as op(x, target, weight, mask, *params)
-        impl = _backend.IMPLS[backend]
-        out, denom, stats = getattr(impl, op)(x, target, weight, mask, *params)
+        # cfg = (op, params, softcap, reduction, inplace, backend, eps), the scalars in one
+        # argument (apply's per-argument cost is the step's host overhead at small shapes);
+        # op "ce_fwd" / "focal_fwd" is called as op(x, target, weight, mask, *params)
+        op, params, softcap, reduction, inplace, backend, eps = cfg
+        out, denom, stats = getattr(_backend.IMPLS[backend], op)(x, target, weight, mask, *params)
         ctx.save_for_backward(x, target, bwd_weight, mask, stats, denom)
         ctx.softcap, ctx.reduction, ctx.inplace, ctx.backend, ctx.used = softcap, reduction, inplace, backend, False
         ctx.eps = eps
@@ -206,7 +220,29 @@ class _SoftmaxLossFn(torch.autograd.Function):
                 grad_out, x, target, weight, mask, stats, denom, ctx.softcap, ctx.reduction, grad
             )
             grad = _input_grad(grad)
-        return (grad, g_target, g_weight) + (None,) * 9
+        return grad, g_target, g_weight, None, None, None
+
+
+try:  # None without the extension, or with one built before the op existed
+    _SOFTMAX_LOSS = torch.ops.fusedloss.softmax_loss.default if _ext._C is not None else None
+except (AttributeError, RuntimeError):
+    _SOFTMAX_LOSS = None
+
+
+def _use_cpp_loss(backend, target, w):
+    """Whether the loss runs as the op fusedloss::softmax_loss (csrc/autograd.cpp): autograd
+    node in C++, canonical views taken in C++, no Python between forward and backward (a
+    Python autograd.Function costs ~50 us a step, most of a small step). Where it computes
+    what _SoftmaxLossFn does: the C++ backends, no gradient wanted for the target or the
+    weight (soft targets that require grad keep _SoftmaxLossFn, which computes those).
+    torch.compile traces it too (the op's fake kernel, then ce_fwd / softmax_bwd through the
+    C++ Function: the same graph as _SoftmaxLossFn's)."""
+    return (
+        _SOFTMAX_LOSS is not None
+        and (backend == "cpu" or backend == "cuda")
+        and not target.requires_grad
+        and (w is None or not w.requires_grad)
+    )
 
 
 def _soft_target_grads(grad_out, x, y, w, mask, stats, denom, eps, softcap, reduction, want_y, want_w):
@@ -349,31 +385,37 @@ def cross_entropy(
     if softcap is not None and math.isinf(softcap):  # c tanh(x / c) -> x: no cap
         softcap = None
     num_classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
-    prob = isinstance(target, Tensor) and target.dtype.is_floating_point
+    prob = target.dtype.is_floating_point
     w = _class_weight("weight", weight, input, num_classes, differentiable=prob)
-    m = _class_mask(mask, input)
-    x = _rows3(input)
+    _check_class_mask(mask, input)
     if prob:  # class probabilities; they and the weight get gradients, as in PyTorch
         if target.shape != input.shape:
             raise ValueError(
                 f"probability target must have the input's shape {tuple(input.shape)}, got {tuple(target.shape)}"
             )
-        t = _rows3(target.to(input.dtype))
-        target_shape = tuple(input.shape[:1] + input.shape[2:]) if input.dim() >= 2 else ()
     elif target.dtype in INDEX_DTYPES:
         target_shape = _check_class_target(input, target)
-        t = target.detach().to(torch.int64).reshape(x.shape[0], x.shape[2])
     else:
         raise TypeError(f"target must be int64/int32 class indices or floating class probabilities; got {target.dtype}")
     backend = _backend_for(backend, input)
     inplace = bool(inplace_backward) and input.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
     red = REDUCTION_CODES[reduction]
     eps, zl, cap = float(label_smoothing), float(z_loss), float(softcap or 0.0)
+    if _use_cpp_loss(backend, target, w):  # the caller's shapes; the loss in the target's shape
+        return _SOFTMAX_LOSS(input, target, w, mask, 0, int(ignore_index), eps, zl, cap, 0.0, red,
+                             out_dtype_of(input, target), inplace)
+    m = _class_mask(mask, input)
+    x = _rows3(input)
+    if prob:
+        t = _rows3(target.to(input.dtype))
+        target_shape = tuple(input.shape[:1] + input.shape[2:]) if input.dim() >= 2 else ()
+    else:
+        t = _index_rows(target, x)
     params = (int(ignore_index), eps, zl, cap, red, out_dtype_of(input, target))
     # backward reads the class weight only for the smoothing term (index targets) or the
     # target term (probability targets); otherwise it is already in the row's stats
-    bwd_w = w if (eps > 0 or t.dtype.is_floating_point) else None
-    out = _SoftmaxLossFn.apply(x, t, w, m, bwd_w, "ce_fwd", params, cap, red, inplace, backend, eps)
+    bwd_w = w if (eps > 0 or prob) else None
+    out = _SoftmaxLossFn.apply(x, t, w, m, bwd_w, ("ce_fwd", params, cap, red, inplace, backend, eps))
     return out.reshape(target_shape) if reduction == "none" else out
 
 
@@ -408,14 +450,18 @@ def focal_loss(
         a = _class_weight("alpha", alpha, input, num_classes)
     else:
         a = torch.full((num_classes,), float(alpha), dtype=acc_dtype(input.dtype), device=input.device)
-    m = _class_mask(mask, input)
+    _check_class_mask(mask, input)
     target_shape = _check_class_target(input, target)
-    x = _rows3(input)
-    t = target.detach().to(torch.int64).reshape(x.shape[0], x.shape[2])
     backend = _backend_for(backend, input)
     red = REDUCTION_CODES[reduction]
+    if _use_cpp_loss(backend, target, a):
+        return _SOFTMAX_LOSS(input, target, a, mask, 1, int(ignore_index), 0.0, 0.0, 0.0, float(gamma), red,
+                             out_dtype_of(input), False)
+    m = _class_mask(mask, input)
+    x = _rows3(input)
+    t = _index_rows(target, x)
     params = (int(ignore_index), float(gamma), red, out_dtype_of(input))
-    out = _SoftmaxLossFn.apply(x, t, a, m, None, "focal_fwd", params, 0.0, red, False, backend, 0.0)
+    out = _SoftmaxLossFn.apply(x, t, a, m, None, ("focal_fwd", params, 0.0, red, False, backend, 0.0))
     return out.reshape(target_shape) if reduction == "none" else out
 
 

@@ -164,8 +164,8 @@ def test_kernel_failure_falls_back_along_the_chain(monkeypatch):
     monkeypatch.setitem(_backend.IMPLS, "chain-under-test", chain)
     x, t = make_logits((5, 7)), make_target((5,), 7)
     run = lambda x: fusedloss.functional._SoftmaxLossFn.apply(  # the (N, C, D) view functional passes
-        x.unsqueeze(-1), t.unsqueeze(-1), None, None, None, "ce_fwd", (-100, 0.0, 0.0, 0.0, 1, x.dtype), 0.0, 1,
-        False, "chain-under-test", 0.0,
+        x.unsqueeze(-1), t.unsqueeze(-1), None, None, None,
+        ("ce_fwd", (-100, 0.0, 0.0, 0.0, 1, x.dtype), 0.0, 1, False, "chain-under-test", 0.0),
     )
     with pytest.warns(UserWarning, match=r"triton backend failed in ce_fwd \(RuntimeError: simulated.*using the torch backend"):
         first = run(x)
