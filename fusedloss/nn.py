@@ -1,12 +1,14 @@
 """Modules, constructed like PyTorch's (and torchvision's) loss modules."""
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from fusedloss import functional as F
+from fusedloss import linear as _linear
 
-__all__ = ["CrossEntropyLoss", "BCEWithLogitsLoss", "SigmoidFocalLoss", "FocalLoss"]
+__all__ = ["CrossEntropyLoss", "BCEWithLogitsLoss", "SigmoidFocalLoss", "FocalLoss", "LinearCrossEntropyLoss"]
 
 
 def _reduction_arg(size_average, reduce, reduction):
@@ -95,4 +97,65 @@ class FocalLoss(torch.nn.Module):
     def forward(self, input: Tensor, target: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         return F.focal_loss(
             input, target, self.gamma, self.alpha, self.ignore_index, self.reduction, mask=mask, backend=self.backend
+        )
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """Drop-in for torch.nn.LinearCrossEntropyLoss (torch 2.13): owns the head, a
+    torch.nn.Linear(in_features, num_classes * prod(out_features)) in `self.linear`, and
+    computes fusedloss.linear_cross_entropy(input, linear.weight, target) without the
+    logits. Extras: mask (per call), z_loss, softcap, backend."""
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        out_features: tuple = (),
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        reduction: str = "mean",
+        weight: Optional[Tensor] = None,
+        ignore_index: Optional[int] = None,
+        label_smoothing: float = 0.0,
+        options=None,
+        z_loss: float = 0.0,
+        softcap: Optional[float] = None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if weight is not None and tuple(weight.shape) != (num_classes,):
+            raise ValueError(f"weight must have shape {(num_classes,)}, got {tuple(weight.shape)}")
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
+        F._check_reduction(reduction)
+        self.register_buffer("weight", weight)
+        self.num_classes = num_classes
+        self.out_features = tuple(out_features)
+        self.linear = torch.nn.Linear(
+            in_features, math.prod(self.out_features, start=num_classes), bias=bias, device=device, dtype=dtype
+        )
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.options = options
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.backend = backend
+
+    def forward(self, input: Tensor, target: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        shape = (self.num_classes,) + self.out_features
+        bias = self.linear.bias
+        return _linear.linear_cross_entropy(
+            input, self.linear.weight.reshape(shape + (self.linear.in_features,)), target,
+            linear_bias=None if bias is None else bias.reshape(shape), weight=self.weight,
+            reduction=self.reduction, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+            options=self.options, mask=mask, z_loss=self.z_loss, softcap=self.softcap, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+            f"out_features={self.out_features}, bias={self.linear.bias is not None}, reduction={self.reduction}"
         )
