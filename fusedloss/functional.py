@@ -126,6 +126,20 @@ def _class_mask(mask, input):
     return None if mask is None else _rows3(mask.expand(input.shape))
 
 
+def _check_ce_args(input, target, label_smoothing, softcap):
+    """The target / label_smoothing / softcap checks of cross_entropy and
+    linear_cross_entropy; returns the softcap to use (None: no cap; an infinite cap is
+    none, the limit of c tanh(x / c))."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a Tensor, got {type(target).__name__}")
+    _check_device("target", target, input)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a positive float or None, got {softcap}")
+    return None if softcap is not None and math.isinf(softcap) else softcap
+
+
 def _index_rows(target, x):
     """Class indices as the (N, D) int64 view of the canonical (N, C, D) logits."""
     if target.dtype != torch.int64:
@@ -375,15 +389,7 @@ def cross_entropy(
     _check_float("input", input)
     if input.dim() < 1:
         raise ValueError(f"input must have at least 1 dimension (C,), got shape {tuple(input.shape)}")
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a Tensor, got {type(target).__name__}")
-    _check_device("target", target, input)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be a positive float or None, got {softcap}")
-    if softcap is not None and math.isinf(softcap):  # c tanh(x / c) -> x: no cap
-        softcap = None
+    softcap = _check_ce_args(input, target, label_smoothing, softcap)
     num_classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
     prob = target.dtype.is_floating_point
     w = _class_weight("weight", weight, input, num_classes, differentiable=prob)

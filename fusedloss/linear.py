@@ -35,6 +35,7 @@ from fusedloss import _backend
 from fusedloss._ops import REDUCTION_CODES, acc_dtype
 from fusedloss.functional import (
     INDEX_DTYPES,
+    _check_ce_args,
     _check_device,
     _check_float,
     _check_reduction,
@@ -416,15 +417,7 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
             )
         if linear_bias.dtype != input.dtype:
             raise TypeError(f"linear_bias must have input's dtype {input.dtype}, got {linear_bias.dtype}")
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a Tensor, got {type(target).__name__}")
-    _check_device("target", target, input)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be a positive float or None, got {softcap}")
-    if softcap is not None and math.isinf(softcap):  # c tanh(x / c) -> x: no cap
-        softcap = None
+    softcap = _check_ce_args(input, target, label_smoothing, softcap)
     ignore_index = -100 if ignore_index is None else int(ignore_index)
 
     lead = tuple(input.shape[:-1])
