@@ -35,17 +35,17 @@ def _namespace(name, get):
 
 
 def _cpp_op(op):
-    """The C++ op's OpOverload, looked up at its first call (the extension may be absent: the
-    backend is then unavailable and never called). Calling the overload itself skips the
-    packet's overload resolution, a few microseconds of a small step's host overhead."""
-    bound = []
+    """The C++ op's OpOverload, bound once here: calling the overload itself skips the
+    packet's overload resolution (a few microseconds of a small step), and a binding made
+    at import has no state for torch.compile to trace. Without the extension the backend
+    is unavailable and never called."""
+    if _ext._C is not None and hasattr(torch.ops.fusedloss, op):
+        return getattr(torch.ops.fusedloss, op).default
 
-    def run(*args):
-        if not bound:
-            bound.append(getattr(torch.ops.fusedloss, op).default)
-        return bound[0](*args)
+    def unavailable(*args):
+        raise RuntimeError(f"fusedloss: the C++ extension has no op {op!r}: {_ext.ERROR}")
 
-    return run
+    return unavailable
 
 
 IMPLS = {
