@@ -115,7 +115,7 @@ def train(model, data, args, device, label):
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % max(1, args.steps // 10) == 0 or step == args.steps - 1:
             print(f"  {label:<22} step {step:4d}  loss {losses[-1]:.4f}  {times[-1] * 1e3:7.1f} ms", flush=True)
     # one more step, measured: the gradients of the previous one freed first, as in training
