@@ -15,6 +15,7 @@ and runs `ptxas -v` on each PTX to report registers, spills and shared memory:
     python tests/aot.py 90 --spill-prone   # the configs most likely to spill
 """
 import dataclasses
+import inspect
 import itertools
 import os
 import re
@@ -25,6 +26,7 @@ import tempfile
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -59,12 +61,16 @@ def _config(kernel, given, num_warps, tag):
     """given: arg name -> a Triton type string, or ("const", value) for a specialized
     argument (meta-parameters, None pointers, strides equal to 1). Arguments not given are
     scalars: fp64 where the kernel annotates them so, else i32 (sizes, strides)."""
-    unknown = set(given) - set(kernel.arg_names)
+    # the kernel's own Python signature: the same under the interpreter (conftest sets
+    # TRITON_INTERPRET=1, where kernels have no JIT .params) and for the compiler
+    params = inspect.signature(kernel.fn).parameters.values()
+    unknown = set(given) - {p.name for p in params}
     assert not unknown, (kernel.__name__, unknown)
     signature, constexprs = {}, {}
-    for p in kernel.params:
-        v = given.get(p.name, p.annotation if p.annotation == "fp64" else "i32")
-        assert not (p.is_constexpr and not isinstance(v, tuple)), (kernel.__name__, p.name, "constexpr not given")
+    for p in params:
+        is_constexpr = p.annotation is tl.constexpr
+        v = given.get(p.name, "fp64" if p.annotation == tl.float64 else "i32")
+        assert not (is_constexpr and not isinstance(v, tuple)), (kernel.__name__, p.name, "constexpr not given")
         if isinstance(v, tuple):
             signature[p.name] = "constexpr"
             constexprs[p.name] = v[1]
