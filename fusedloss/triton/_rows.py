@@ -153,12 +153,15 @@ def _fold_lse_rounding(coef_p, m, s, lse, ACC: tl.constexpr):
     """coef_p with the rounding of the stored float32 lse folded in (as the CPU and CUDA
     kernels do, csrc/common/softmax_row.h fold_lse_rounding). Backward computes
     p_c = exp(z_c - lse) from the float32 lse, whose rounding (half an ulp of |lse|: 1.5e-5
-    at logits ~300) every p_c inherits. With lse_d = m + log(s) in float64,
-    exp(z_c - lse_d) = exp(z_c - lse) * (1 - (lse_d - lse)) to 1e-13, and coef_p is the only
-    coefficient that multiplies p_c, so it takes the factor. One float64 log per row."""
+    at logits ~300) every p_c inherits. The rounding error of lse = m + log(s) is exact in
+    float32 by TwoSum, err = (m + log s) - lse, and exp(z_c - (lse + err)) =
+    exp(z_c - lse) * (1 - err) to 1e-13: coef_p, the only coefficient of p_c, takes the
+    factor. (float64 arithmetic here made the all-options kernel spill.)"""
     if ACC == tl.float32:
-        lse_d = m.to(tl.float64) + tl.log(s.to(tl.float64))
-        coef_p = (coef_p.to(tl.float64) * (1.0 - (lse_d - lse.to(tl.float64)))).to(ACC)
+        log_s = tl.log(s)
+        b = lse - m
+        err = (m - (lse - b)) + (log_s - b)
+        coef_p = coef_p * (1.0 - err)
     return coef_p
 
 
