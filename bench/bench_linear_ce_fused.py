@@ -10,7 +10,8 @@ turns (round-robin, so a machine whose load drifts hurts all of them alike):
                      with --all-backends), at the default chunk and at --chunks
 
 Time: median of --reps fwd+bwd steps after a warm-up (.grad reset before each step, so the
-gradients are allocated inside it, as in training). Peak memory: the peak extra CPU memory
+gradients are allocated inside it, as in training); "paired" is the median over rounds of
+eager's time / the row's time in the same round, steadier on a loaded machine. Peak memory: the peak extra CPU memory
 of one step, the gradients included, from torch.profiler(profile_memory=True)'s allocation
 events replayed in order (as bench/harness.py measures it; checked first on known
 allocations). Every 7th token is ignored (ignore_index=-100).
@@ -175,17 +176,21 @@ def main():
 
     base = statistics.median(times["eager"]) if "eager" in times else None
     chunked = statistics.median(times["torch chunked"]) if "torch chunked" in times else None
-    print(f"{'impl':<28}{'median s':>10}{'min s':>9}{'peak MiB':>10}{'eager/x':>9}{'chunked/x':>10}   |err| loss, dX, dW vs float64")
+    print(f"{'impl':<28}{'median s':>10}{'min s':>9}{'peak MiB':>10}{'eager/x':>9}{'paired':>8}{'chunked/x':>10}"
+          f"   |err| loss, dX, dW vs float64")
     rows = []
     for k in fns:
         med, lo = statistics.median(times[k]), min(times[k])
+        # paired: each round's ratio (neighbouring calls see the same machine load), then the median
+        paired = (statistics.median(e / v for e, v in zip(times["eager"], times[k])) if base else None)
         r = {"impl": k, "median_s": med, "min_s": lo, "times_s": times[k], "peak_mib": peaks[k] / MB,
              "vs_eager": base / med if base else None, "vs_torch_chunked": chunked / med if chunked else None,
-             "err_vs_float64": errs.get(k)}
+             "vs_eager_paired": paired, "err_vs_float64": errs.get(k)}
         rows.append(r)
         e = "  ".join(f"{v:.1e}" for v in errs[k]) if k in errs else ""
         print(f"{k:<28}{med:>10.3f}{lo:>9.3f}{peaks[k] / MB:>10.1f}"
-              f"{(base / med if base else float('nan')):>9.2f}{(chunked / med if chunked else float('nan')):>10.2f}   {e}")
+              f"{(base / med if base else float('nan')):>9.2f}{(paired or float('nan')):>8.2f}"
+              f"{(chunked / med if chunked else float('nan')):>10.2f}   {e}")
     first = next((k for k in fns if k.startswith("fusedloss")), None)
     if first and base and chunked:
         r = next(r for r in rows if r["impl"] == first)

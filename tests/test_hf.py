@@ -214,6 +214,19 @@ def test_bfloat16_model():
         check_close(g, hf_grads[name], torch.bfloat16, f"bf16 gradient of {name}", grad=True)
 
 
+def test_autocast_training():
+    """A float32 model trained under autocast (bfloat16): loss and gradients as unpatched."""
+    ids, labels = batch()
+    base = build("llama")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hf_loss, hf_grads = step(copy.deepcopy(base), lambda m: m(input_ids=ids, labels=labels).loss)
+        loss, grads = step(fusedloss.hf.apply(copy.deepcopy(base)), lambda m: m(input_ids=ids, labels=labels).loss)
+    assert loss.dtype == hf_loss.dtype == torch.float32
+    check_close(loss, hf_loss, torch.bfloat16, "autocast loss")
+    for name, g in grads.items():
+        check_close(g, hf_grads[name], torch.bfloat16, f"autocast gradient of {name}", grad=True)
+
+
 # ----------------------------------------------------------------------------- ForCausalLMLoss
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_for_causal_lm_loss_matches_transformers(dtype):

@@ -526,6 +526,22 @@ def test_mask_broadcast_over_sequences():
     )
 
 
+def test_autocast():
+    """Under autocast, as eager there: the head's matmul in bfloat16 (float32 operands cast),
+    the loss in float32, float32 gradients for the float32 leaves."""
+    x, w, b = make_inputs(torch.float32)
+    t = make_target((N,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = run(lambda x, w, b: fusedloss.linear_cross_entropy(x, w, t, linear_bias=b, options=CHUNKED),
+                         (x, w, b))
+        exp, exp_grads = run(lambda x, w, b: F.cross_entropy(F.linear(x, w, b), t), (x, w, b))
+    assert out.dtype == exp.dtype == torch.float32
+    check_close(out, exp, torch.bfloat16, "loss under autocast")
+    for name, g, e in zip(("input", "linear_weight", "linear_bias"), grads, exp_grads):
+        assert g.dtype == torch.float32
+        check_close(g, e, torch.bfloat16, f"{name} gradient under autocast", grad=True)
+
+
 def test_caller_tensors_unmodified():
     x, w, b = make_inputs(torch.float32)
     t = make_target((N,))
