@@ -23,7 +23,6 @@ allocations). Every 7th token is ignored (ignore_index=-100).
 Standalone: needs only torch and fusedloss (not the rest of bench/).
 """
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -41,34 +40,7 @@ MB = 1 << 20
 
 
 # ----------------------------------------------------------------------------- memory
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Kineto prints 'USDT ...' lines on fd 2 per profile."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def cpu_peak_bytes(step) -> int:
-    """Largest running sum of the CPU allocation (+) and free (-) events of step()."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events = [e for e in events if str(e.device_type()).endswith("CPU")]
-    events.sort(key=lambda e: e.start_ns())
-    running = peak = 0
-    for e in events:
-        running += e.nbytes()
-        peak = max(peak, running)
-    return peak
+from harness import cpu_peak_bytes  # noqa: E402  (bench/ is the script's directory)
 
 
 def check_peak() -> bool:

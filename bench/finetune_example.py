@@ -17,7 +17,6 @@ describes; on CUDA, max_memory_allocated.
     python bench/finetune_example.py --steps 50 --out /tmp/ft
 """
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -59,17 +58,7 @@ def build(args):
     return transformers.LlamaForCausalLM(cfg)
 
 
-@contextlib.contextmanager
-def _quiet_stderr():
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+from harness import quiet_stderr as _quiet_stderr  # noqa: E402  (bench/ is the script's directory)
 
 
 def peak_bytes(fn, device):
