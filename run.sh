@@ -29,6 +29,10 @@ case "$cmd" in
   bench)
     setup
     python bench/run_all.py "$@"
+    # the vocab-parallel loss runs on several processes: its own runner (bench/bench_vocab_parallel.py)
+    vp=(--json bench/results/vocab_parallel.json)
+    for a in "$@"; do [ "$a" = --quick ] && vp+=(--quick); done
+    python bench/bench_vocab_parallel.py "${vp[@]}"
     ;;
   setup)
     setup
