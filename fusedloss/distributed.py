@@ -204,9 +204,10 @@ def _merge(gathered, t, ignore_index, own_local, eps, z_loss, fields, weighted, 
     count = torch.where(counted & ~bad, w_t, zero)
     live = counted & ~bad
     target_coef = torch.where(own_local, coef_t, zero)
-    stats = torch.stack([lse, coef_p, smooth, target_coef], dim=-1)
-    dead = torch.tensor([_NEG_INF, 0.0, 0.0, 0.0], dtype=stats.dtype, device=stats.device)
-    stats = torch.where(live.unsqueeze(-1), stats, dead).to(acc).contiguous()
+    # [-inf, 0, 0, 0] for rows whose gradient is 0 (no host-to-device constant: no sync)
+    cols = [torch.where(live, v, torch.full_like(v, _NEG_INF if i == 0 else 0.0))
+            for i, v in enumerate((lse, coef_p, smooth, target_coef))]
+    stats = torch.stack(cols, dim=-1).to(acc)
     return loss, count, stats, tiles, out_of_range, starts, sizes
 
 
@@ -314,7 +315,9 @@ def vocab_parallel_cross_entropy(
     if vocab_start_index is None:
         # every rank's (C_r, rows): the offsets, and a row count that differs between ranks
         # (which would make the payload's all-gather fail or hang) caught on every rank
-        sizes = _all_gather(torch.tensor([n_local, t.numel()], dtype=torch.int64, device=input.device), world, group)
+        local = torch.empty(2, dtype=torch.int64, device=input.device)  # filled on the device: no copy, no sync
+        local[0], local[1] = n_local, t.numel()
+        sizes = _all_gather(local, world, group)
         start = (sizes[:, 0].cumsum(0) - sizes[:, 0])[rank]
         if input.device.type == "cpu" and bool((sizes[:, 1] != t.numel()).any()):
             raise ValueError(
