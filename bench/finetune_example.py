@@ -125,6 +125,8 @@ def plot(results, entropy, path, title):
     for (name, r), ls in zip(results.items(), ("-", "--")):
         ax1.plot(range(len(r["loss"])), r["loss"], label=name, lw=1.2, ls=ls)
     ax1.axhline(entropy, color="gray", ls=":", lw=1, label=f"corpus entropy {entropy:.2f}")
+    ax1.set_xlim(left=0)
+    ax1.set_ylim(bottom=0)  # linear axes from zero
     ax1.set_xlabel("step")
     ax1.set_ylabel("training loss (nats/token)")
     ax1.set_title(title, fontsize=9)
