@@ -542,6 +542,28 @@ def test_autocast():
         check_close(g, e, torch.bfloat16, f"{name} gradient under autocast", grad=True)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile_fullgraph(reduction):
+    """torch.compile(fullgraph=True) traces the chunk loop and the ops (torch's chunked loss
+    falls back to eager there): the compiled loss and gradients equal PyTorch's formula."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    x, w, b = make_inputs(torch.float32)
+    t = make_target((N,))
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def loss_fn(x, w, b):
+        return fusedloss.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction, label_smoothing=0.1,
+                                              options=CHUNKED, backend="cpu")
+
+    check_fused(loss_fn,
+                lambda x, w, b: F.cross_entropy(F.linear(x, w, b), t, reduction=reduction, label_smoothing=0.1),
+                (x, w, b), f"compiled {reduction}")
+    assert counter.frame_count == 1
+
+
 def test_caller_tensors_unmodified():
     x, w, b = make_inputs(torch.float32)
     t = make_target((N,))
