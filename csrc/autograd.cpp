@@ -12,7 +12,7 @@
 // gradients, the triton and torch backends and the fallback chain):
 //   * everything backward needs is in save_for_backward (saved-tensor hooks see it); ctx
 //     keeps only scalars, so nothing of size N x C outlives backward;
-//   * the gradient is a fresh contiguous buffer (large CPU ones from the cache of
+//   * the gradient is a fresh buffer in the logits' layout (large CPU ones from the cache of
 //     csrc/cpu/grad_pool.cpp, as fusedloss._ops.empty_grad), or the logits' storage with
 //     inplace_backward, which then serves one backward per forward;
 //   * differentiating the returned gradient (create_graph=True, then backward) raises.
@@ -23,7 +23,8 @@
 // focal_fwd in the forward graph, softmax_bwd in the backward graph), with symbolic sizes.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/empty_like.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 #include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -175,9 +176,10 @@ FwdOutputs run_forward(const at::Tensor& logits, const at::Tensor& target, const
   return outs;
 }
 
-// A gradient buffer like fusedloss._ops.empty_grad: CPU buffers of 1 MB or more from the
+// A gradient buffer like fusedloss._ops.empty_grad, in `like`'s layout (its strides when it is
+// non-overlapping and dense, else contiguous): CPU buffers of 1 MB or more from the
 // extension's cache of freed blocks (fusedloss::empty_grad, csrc/cpu/grad_pool.cpp), except
-// for traced tensors (torch.compile: functional / fake), which get empty_like as there.
+// for traced tensors (torch.compile: functional / fake), which get empty_strided as there.
 at::Tensor empty_grad(const at::Tensor& like) {
   constexpr int64_t kPooledBytes = int64_t(1) << 20;  // grad_pool.cpp kMinPooled
   if (!like.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize})) &&
@@ -188,7 +190,8 @@ at::Tensor empty_grad(const at::Tensor& like) {
       return op.call(like);
     }
   }
-  return at::empty_like(like, at::MemoryFormat::Contiguous);
+  if (like.is_non_overlapping_and_dense()) return at::empty_strided_symint(like.sym_sizes(), like.sym_strides(), like.options());
+  return at::empty_symint(like.sym_sizes(), like.options());
 }
 
 }  // namespace
@@ -256,8 +259,12 @@ struct SoftmaxLossBackward : public torch::autograd::Function<SoftmaxLossBackwar
         grad3 = c.x;
         if (!c.x.is_alias_of(logits)) grad = c.x.view_symint(logits.sym_sizes());
       } else {
-        grad = empty_grad(logits);
-        grad3 = grad.view_symint({r.N, r.C, r.D});
+        // in the layout of the (N, C, D) view the kernel reads: a view of the logits where
+        // d1..dK merge (channels_last: (N, C, H*W) with strides (HWC, 1, C), whose rows are
+        // contiguous), so the gradient has the logits' strides and AccumulateGrad keeps it
+        // as .grad without a copy; a contiguous buffer where the view was a copy
+        grad3 = empty_grad(c.x);
+        grad = grad3.view_symint(logits.sym_sizes());
       }
       const at::Tensor& go = grad_outputs[0];
       softmax_bwd_op().call(reduction == 0 ? go.reshape_symint({r.N, r.D}) : go, c.x, c.target, opt(saved[2]), c.mask,

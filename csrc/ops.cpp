@@ -89,7 +89,8 @@ TORCH_LIBRARY(fusedloss, m) {
 
   // ---- BCE-with-logits (gamma == 0 and alpha < 0) and torchvision's sigmoid focal loss,
   // elementwise over a 2-D view (M, L) of the input.
-  //   input (M, L) any strides; target (M, L) input's dtype, any strides;
+  //   input (M, L) any strides; target (M, L) any strides, in the input's dtype (the CPU
+  //         kernels also read bool and integer targets as they are: no float copy);
   //   weight, pos_weight (M, L) acc, any strides (broadcast: 0 strides), or None.
   // Forward returns out: reduction 0: (M, L) per-element loss; 1: () the mean (NaN for an
   // empty input, as PyTorch); 2: () the sum; in out_dtype. With grad (reduction 1 or 2
@@ -108,8 +109,10 @@ TORCH_LIBRARY(fusedloss, m) {
   // written when grad_out == 1 (a device-side check): the backward of binary_fwd's grad.
   m.def("scale_grad(Tensor grad_out, Tensor(a!) grad) -> ()");
 
-  // A contiguous, uninitialized tensor like `like` for a kernel's gradient output. On the
-  // CPU it comes from a small cache of freed blocks (csrc/cpu/grad_pool.cpp); elsewhere it
-  // is empty_like.
+  // An uninitialized tensor like `like` for a kernel's gradient output, in `like`'s layout:
+  // its strides when `like` is non-overlapping and dense (channels_last stays channels_last,
+  // so AccumulateGrad keeps it as .grad without a copy), contiguous otherwise. On the CPU
+  // large ones come from a small cache of freed blocks (csrc/cpu/grad_pool.cpp); elsewhere
+  // it is empty_strided / empty.
   m.def("empty_grad(Tensor like) -> Tensor");
 }

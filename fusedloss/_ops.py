@@ -60,8 +60,30 @@ def scale_grad_fake(grad_out, grad):
     return None
 
 
+def dense_order(t):
+    """t's dims, outermost first (by decreasing stride), when t is non-overlapping and dense
+    (contiguous, channels_last, a transposed matrix, ...: a permutation of a contiguous
+    tensor); None otherwise (a strided slice, a broadcast view)."""
+    perm = sorted(range(t.dim()), key=lambda i: -t.stride(i))
+    expected = 1
+    for i in reversed(perm):
+        if t.shape[i] != 1:
+            if t.stride(i) != expected:
+                return None
+            expected *= t.shape[i]
+    return perm
+
+
+def _empty_in_layout(like):
+    """Uninitialized, in like's layout: its strides when like is non-overlapping and dense
+    (channels_last stays channels_last), contiguous otherwise (csrc/ops.cpp empty_grad)."""
+    if dense_order(like) is not None:
+        return torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device=like.device)
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
 def empty_grad_fake(like):
-    return torch.empty_like(like, memory_format=torch.contiguous_format)
+    return _empty_in_layout(like)
 
 
 FAKES = {
@@ -80,9 +102,10 @@ POOLED_BYTES = 1 << 20  # csrc/cpu/grad_pool.cpp kMinPooled: smaller buffers are
 
 
 def empty_grad(like):
-    """Uninitialized gradient buffer like `like` (contiguous): from the extension's cache
-    of freed blocks for large CPU buffers (csrc/cpu/grad_pool.cpp), torch.empty_like
-    elsewhere."""
+    """Uninitialized gradient buffer like `like`, in its layout (its strides when it is
+    non-overlapping and dense, else contiguous): from the extension's cache of freed blocks
+    for large CPU buffers (csrc/cpu/grad_pool.cpp), torch.empty_strided elsewhere. A
+    gradient with its input's strides is kept by AccumulateGrad as .grad without a copy."""
     if (
         like.device.type == "cpu"
         and like.numel() * like.element_size() >= POOLED_BYTES
@@ -90,7 +113,7 @@ def empty_grad(like):
         and not torch.compiler.is_compiling()
     ):
         return torch.ops.fusedloss.empty_grad.default(like)
-    return torch.empty_like(like, memory_format=torch.contiguous_format)
+    return _empty_in_layout(like)
 
 
 if _ext._C is not None:

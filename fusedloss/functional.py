@@ -316,40 +316,58 @@ class _BinaryFn(torch.autograd.Function):
     gradient for grad_output == 1 (1 read + 1 write: the whole step in the usual case), and
     backward scales it in place by grad_output, which the kernel reads on the device and skips
     when it is 1. "none" (per-element grad_output) and a second backward through the same
-    graph recompute the gradient from the saved input and target instead."""
+    graph recompute the gradient from the saved input and target instead.
+
+    The ops' (M, L) views (_binary_plan) are taken here, below autograd: no view node in the
+    graph, and the gradient is allocated in the input's layout and returned at the input's
+    shape, so AccumulateGrad keeps it as .grad without a copy."""
 
     @staticmethod
-    def forward(ctx, x, target, weight, pos_weight, gamma, alpha, reduction, out_dtype, backend, grad_enabled):
-        # x, target (M, L); weight, pos_weight (M, L) broadcast views
-        impl = _backend.IMPLS[backend]
-        grad = None
+    def forward(ctx, input, target, weight, pos_weight, cfg):
+        # input, target (the caller's shape; target in input's dtype, or bool / integer where
+        # the backend reads those); weight, pos_weight acc, broadcastable to input, or None;
+        # cfg = (gamma, alpha, reduction, out_dtype, backend, grad_enabled, plan)
+        gamma, alpha, reduction, out_dtype, backend, grad_enabled, plan = cfg
+        perm, sizes, ml = plan[0], plan[1], plan[2]
+        x = _plan_view(input, plan, plan[3])
+        y = _plan_view(target, plan, plan[4])
+        w = _plan_operand(weight, plan, plan[5], input.shape)
+        pw = _plan_operand(pos_weight, plan, plan[6], input.shape)
+        grad = g2 = None
         if reduction != 0 and grad_enabled and ctx.needs_input_grad[0]:
-            grad = _ops.empty_grad(x)
-        out = impl.binary_fwd(x, target, weight, pos_weight, grad, gamma, alpha, reduction, out_dtype)
-        ctx.save_for_backward(x, target, weight, pos_weight, grad)
+            grad = _plan_empty_grad(x, perm, sizes, ml)
+            g2 = _plan_of(grad, perm, ml)
+        out = _backend.IMPLS[backend].binary_fwd(x, y, w, pw, g2, gamma, alpha, reduction, out_dtype)
+        ctx.save_for_backward(x, y, w, pw, grad)
         ctx.gamma, ctx.alpha, ctx.reduction, ctx.backend, ctx.used = gamma, alpha, reduction, backend, False
-        return out
+        ctx.perm, ctx.sizes = perm, sizes
+        return _plan_back(out, perm, sizes) if reduction == 0 else out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, target, weight, pos_weight, grad = ctx.saved_tensors
+        perm, sizes, ml = ctx.perm, ctx.sizes, x.shape
+        # "none": grad_out of the loss's shape, a view when it has the loss's layout
+        go = _plan_of(grad_out, perm, ml) if ctx.reduction == 0 else grad_out
         g_target = None
         if ctx.needs_input_grad[1]:
-            g_target = _binary_target_grad(grad_out, x, target, weight, pos_weight, ctx.gamma, ctx.alpha, ctx.reduction)
+            g = _binary_target_grad(go, x, target, weight, pos_weight, ctx.gamma, ctx.alpha, ctx.reduction)
+            g_target = _plan_back(g.contiguous(), perm, sizes)
         if not ctx.needs_input_grad[0]:
-            return (None, g_target) + (None,) * 8
+            return None, g_target, None, None, None
         impl = _backend.IMPLS[ctx.backend]
         if grad is not None and not ctx.used:
             # Handed out under a version counter of its own (`.data`): the caller may modify
             # it (AccumulateGrad adds into .grad), which must not trip autograd's check of
             # the saved copy in a second backward -- that one recomputes and never reads it.
             grad = grad if torch.compiler.is_compiling() else grad.data
-            impl.scale_grad(grad_out, grad)
+            impl.scale_grad(grad_out, _plan_of(grad, perm, ml))  # (M, L): contiguous
         else:  # "none", or the forward's gradient was handed out by a first backward
-            grad = _ops.empty_grad(x)
-            impl.binary_bwd(grad_out, x, target, weight, pos_weight, ctx.gamma, ctx.alpha, ctx.reduction, grad)
+            grad = _plan_empty_grad(x, perm, sizes, ml)
+            impl.binary_bwd(go, x, target, weight, pos_weight, ctx.gamma, ctx.alpha, ctx.reduction,
+                            _plan_of(grad, perm, ml))
         ctx.used = True
-        return (_input_grad(grad), g_target) + (None,) * 8
+        return _input_grad(grad), g_target, None, None, None
 
 
 def out_dtype_of(input, target=None):
@@ -473,7 +491,8 @@ def focal_loss(
 
 # ----------------------------------------------------------------------------- elementwise
 def _elementwise_operand(name, t, input):
-    """weight / pos_weight broadcast to input, as an (M, L) view (0 strides where broadcast)."""
+    """weight / pos_weight, checked, in the accumulation dtype at its own shape (a (C, 1, 1)
+    weight stays C elements: _binary_plan broadcasts it through 0 strides)."""
     if t is None:
         return None
     if not isinstance(t, Tensor):
@@ -482,16 +501,147 @@ def _elementwise_operand(name, t, input):
     _check_device(name, t, input)
     _no_grad_needed(name, t)
     _check_broadcastable(name, t, input)
-    return _rows2(t.detach().to(acc_dtype(input.dtype)).expand(input.shape))
+    return t.detach().to(acc_dtype(input.dtype))
 
 
-def _rows2(t: Tensor) -> Tensor:
-    """() -> (1, 1); (L,) -> (1, L); (..., L) -> (M, L), a view where strides allow."""
-    if t.dim() == 0:
-        return t.reshape(1, 1)
-    if t.dim() == 1:
-        return t.unsqueeze(0)
-    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])  # not -1: the last dim may be 0
+def _merge_groups(sizes, strides):
+    """Dims 0..len(sizes)-1 in runs that merge into one dim for every operand (dim j joins the
+    run of the previous dim i of size > 1 when each operand has stride[i] == stride[j] *
+    sizes[j]); size-1 dims join any run. (Loops, not comprehensions: this runs under
+    torch.compile, inside an autograd.Function's trace.)"""
+    groups = []
+    last = -1
+    for j in range(len(sizes)):
+        n = sizes[j]
+        if n != 1:
+            new_run = last < 0
+            for s in strides:
+                if s[last] != s[j] * n:
+                    new_run = True
+            if new_run:
+                groups.append([])
+            last = j
+        if len(groups) == 0:
+            groups.append([])
+        groups[-1].append(j)
+    return groups
+
+
+def _binary_plan(input, target, weight, pos_weight):
+    """How to take the binary ops' (M, L) views of input, target, weight and pos_weight (of the
+    input's shape, or broadcastable to it), with no copy of an input-sized tensor for: any
+    dense input layout (contiguous, channels_last, channels_last_3d, a transposed matrix), a
+    target in the input's layout (any dtype), a weight / pos_weight broadcast through 0
+    strides. The loss is elementwise, so any order of the elements does: dims are taken in the
+    memory order of the gradient buffer (_ops.empty_grad: the input's own when it is dense,
+    e.g. (N, H, W, C) for channels_last), in which every dense operand of that layout is one
+    run of memory, and split into M = the outer dims, L = the last run that weight and
+    pos_weight also merge over. Copies only where no 2-D view exists: an input or target not
+    dense in that order (a strided slice, a target in another layout: one copy of it), and a
+    weight broadcast along L but not mergeable over the outer dims (a (C, 1, 1) weight on
+    NCHW: its N*C values along the rows, a copy of M elements).
+
+    Returns plain values (the views themselves are taken by _plan_view inside the Function):
+    (perm, sizes in perm order, (M, L), copy flags of input and target, and for weight and
+    pos_weight None, "view", "rows" (its M row values) or "copy")."""
+    shape = list(input.shape)
+    nd = len(shape)
+    perm = _ops.dense_order(input)
+    if perm is None:
+        perm = list(range(nd))
+    sizes = []
+    for p in perm:
+        sizes.append(shape[p])
+
+    def strides_of(t):  # t's strides in perm order, broadcast dims 0
+        if t is None:
+            return None
+        st = t.expand(shape).stride()
+        out = []
+        for p in perm:
+            out.append(st[p])
+        return out
+
+    copies = []
+    for t in (input, target):
+        copies.append(len(_merge_groups(sizes, [strides_of(t)])) > 1)
+    operands = []
+    for t in (weight, pos_weight):
+        if t is not None:
+            operands.append(strides_of(t))
+    groups = _merge_groups(sizes, operands)
+    inner = groups[-1] if len(groups) > 0 else []
+    outer = []
+    for j in range(nd):
+        if j not in inner:
+            outer.append(j)
+    M, L = 1, 1
+    for j in outer:
+        M = M * sizes[j]
+    for j in inner:
+        L = L * sizes[j]
+    outer_sizes = []
+    for j in outer:
+        outer_sizes.append(sizes[j])
+    modes = []
+    for t in (weight, pos_weight):
+        st = strides_of(t)
+        mode = None
+        if st is not None:
+            mode = "view"
+            outer_st = []
+            for j in outer:
+                outer_st.append(st[j])
+            if len(_merge_groups(outer_sizes, [outer_st])) > 1:
+                mode = "rows"
+                for j in inner:
+                    if st[j] != 0 and sizes[j] != 1:
+                        mode = "copy"
+        modes.append(mode)
+    return (perm, sizes, (M, L), copies[0], copies[1], modes[0], modes[1], inner)
+
+
+def _plan_view(t, plan, copy):
+    """input / target (the input's shape) as (M, L); a contiguous copy in the plan's order
+    where `copy`."""
+    t = t.permute(plan[0])
+    if copy:
+        t = t.contiguous()
+    return t.reshape(plan[2])
+
+
+def _plan_operand(t, plan, mode, shape):
+    """weight / pos_weight (broadcastable to `shape`) as (M, L), per the plan's mode."""
+    if t is None:
+        return None
+    perm, sizes, ml, inner = plan[0], plan[1], plan[2], plan[7]
+    t = t.expand(shape).permute(perm)
+    if mode == "rows":  # its M values along the rows, contiguous, then 0 strides along L
+        for j in inner:
+            t = t.narrow(j, 0, 1)
+        t = t.contiguous().expand(sizes)
+    elif mode == "copy":
+        t = t.contiguous()
+    return t.reshape(ml)
+
+
+def _plan_of(t, perm, ml):
+    """A tensor of the input's shape, in the gradient's layout, as the (M, L) view."""
+    return t.permute(perm).reshape(ml)
+
+
+def _plan_back(t2, perm, sizes):
+    """(M, L) contiguous -> a view of the input's shape, in the gradient's layout."""
+    inv = [0] * len(perm)
+    for i in range(len(perm)):
+        inv[perm[i]] = i
+    return t2.view(sizes).permute(inv)
+
+
+def _plan_empty_grad(x2, perm, sizes, ml):
+    """An uninitialized gradient of the input's shape, dense in the plan's order (the input's
+    layout when it is dense: AccumulateGrad keeps it as .grad without a copy)."""
+    return _plan_back(_ops.empty_grad(x2.new_empty(()).expand(ml)), perm, sizes)
 
 
 def _binary(input, target, weight, pos_weight, reduction, gamma, alpha, backend, pos_weight_name="pos_weight"):
@@ -511,12 +661,21 @@ def _binary(input, target, weight, pos_weight, reduction, gamma, alpha, backend,
             )
     w = _elementwise_operand("weight", weight, input)
     pw = _elementwise_operand(pos_weight_name, pos_weight, input)
-    y = _rows2(target.to(input.dtype))  # a soft target that requires grad gets one, as in PyTorch
-    x = _rows2(input)
     backend = _backend_for(backend, input)
-    red = REDUCTION_CODES[reduction]
-    out = _BinaryFn.apply(x, y, w, pw, float(gamma), float(alpha), red, out_dtype_of(input, target), backend, torch.is_grad_enabled())
-    return out.reshape(input.shape) if reduction == "none" else out
+    y = target
+    if target.dtype != input.dtype and (target.dtype.is_floating_point or backend not in _NATIVE_TARGETS):
+        # a floating target is read in the input's dtype (a soft target that requires grad
+        # gets one through this conversion, as in PyTorch); bool / integer targets only where
+        # the kernels cannot read them as they are
+        y = target.to(input.dtype)
+    cfg = (float(gamma), float(alpha), REDUCTION_CODES[reduction], out_dtype_of(input, target), backend,
+           torch.is_grad_enabled(), _binary_plan(input, y, w, pw))
+    return _BinaryFn.apply(input, y, w, pw, cfg)
+
+
+# Backends whose binary ops read bool / integer targets as they are (csrc/cpu: converted in L1;
+# torch: the reference's own conversion); the Triton and CUDA kernels read the input's dtype.
+_NATIVE_TARGETS = ("cpu", "torch")
 
 
 def binary_cross_entropy_with_logits(

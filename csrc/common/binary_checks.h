@@ -27,17 +27,30 @@ inline void check_binary_operand(const char* op, const char* name, const at::Ten
               input.device());
 }
 
-// input (M, L) float16/bfloat16/float32/float64; target (M, L) input's dtype;
-// weight, pos_weight (M, L) acc dtype or None; gamma >= 0; reduction 0, 1, 2.
+// Target dtypes a kernel reads as they are, besides the input's (converted to acc on load:
+// bool and integer 0/1 labels need no float copy).
+inline bool is_native_target(at::ScalarType t) {
+  return t == at::kBool || t == at::kByte || t == at::kChar || t == at::kShort || t == at::kInt || t == at::kLong;
+}
+
+// input (M, L) float16/bfloat16/float32/float64; target (M, L) input's dtype (or, where the
+// kernels read them, native_targets: bool / integer); weight, pos_weight (M, L) acc dtype or
+// None; gamma >= 0; reduction 0, 1, 2.
 inline void check_binary_inputs(const char* op, const at::Tensor& input, const at::Tensor& target,
                                 const std::optional<at::Tensor>& weight,
-                                const std::optional<at::Tensor>& pos_weight, double gamma, int64_t reduction) {
+                                const std::optional<at::Tensor>& pos_weight, double gamma, int64_t reduction,
+                                bool native_targets = false) {
   check_reduction(reduction);
   TORCH_CHECK(input.dim() == 2, op, ": input must be 2-D (M, L), got shape ", input.sizes());
   const auto dt = input.scalar_type();
   TORCH_CHECK(is_loss_float(dt), op, ": input must be float16, bfloat16, float32 or float64, got ", dt);
   const auto acc = binary_acc_dtype(dt);
-  check_binary_operand(op, "target", target, input, dt, "the input's dtype");
+  if (native_targets && is_native_target(target.scalar_type())) {
+    check_binary_operand(op, "target", target, input, target.scalar_type(), "bool, integer or the input's dtype");
+  } else {
+    check_binary_operand(op, "target", target, input, dt,
+                         native_targets ? "bool, integer or the input's dtype" : "the input's dtype");
+  }
   if (weight.has_value()) check_binary_operand(op, "weight", *weight, input, acc, "the accumulation dtype");
   if (pos_weight.has_value()) check_binary_operand(op, "pos_weight", *pos_weight, input, acc, "the accumulation dtype");
   TORCH_CHECK(gamma >= 0, op, ": gamma must be >= 0, got ", gamma);
@@ -75,9 +88,10 @@ inline void check_binary_grad_out(const char* op, const at::Tensor& grad_out, co
 // binary_fwd: grad only with reduction mean / sum (it holds the gradient for grad_output == 1).
 inline void check_binary_fwd(const at::Tensor& input, const at::Tensor& target,
                              const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
-                             const std::optional<at::Tensor>& grad, double gamma, int64_t reduction) {
+                             const std::optional<at::Tensor>& grad, double gamma, int64_t reduction,
+                             bool native_targets = false) {
   constexpr const char* op = "fusedloss::binary_fwd";
-  check_binary_inputs(op, input, target, weight, pos_weight, gamma, reduction);
+  check_binary_inputs(op, input, target, weight, pos_weight, gamma, reduction, native_targets);
   if (grad.has_value()) {
     TORCH_CHECK(reduction != 0, op, ": grad is only computed for reduction mean or sum (use binary_bwd for none)");
     check_binary_grad(op, *grad, input, target, weight, pos_weight);
@@ -86,9 +100,9 @@ inline void check_binary_fwd(const at::Tensor& input, const at::Tensor& target,
 
 inline void check_binary_bwd(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& target,
                              const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
-                             const at::Tensor& grad, double gamma, int64_t reduction) {
+                             const at::Tensor& grad, double gamma, int64_t reduction, bool native_targets = false) {
   constexpr const char* op = "fusedloss::binary_bwd";
-  check_binary_inputs(op, input, target, weight, pos_weight, gamma, reduction);
+  check_binary_inputs(op, input, target, weight, pos_weight, gamma, reduction, native_targets);
   check_binary_grad_out(op, grad_out, input, reduction);
   check_binary_grad(op, grad, input, target, weight, pos_weight);
   check_disjoint(op, "grad", grad, "grad_out", grad_out);

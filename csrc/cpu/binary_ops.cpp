@@ -36,12 +36,13 @@ double scalar_value(const at::Tensor& t) {
   }
 }
 
-// input, target (M, L); weight, pos_weight (M, L) acc or None; grad (M, L) or None.
+// input (M, L); target (M, L) input's dtype, bool or integer (read as they are); weight,
+// pos_weight (M, L) acc or None; grad (M, L) or None.
 // Returns out: (M, L) per-element loss (reduction none), or () the mean / sum, in out_dtype.
 at::Tensor binary_fwd_cpu(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                           const std::optional<at::Tensor>& pos_weight, const std::optional<at::Tensor>& grad,
                           double gamma, double alpha, int64_t reduction, at::ScalarType out_dtype) {
-  check_binary_fwd(input, target, weight, pos_weight, grad, gamma, reduction);
+  check_binary_fwd(input, target, weight, pos_weight, grad, gamma, reduction, /*native_targets=*/true);
   check_out_dtype("fusedloss::binary_fwd", out_dtype);
   const auto opts = input.options().dtype(out_dtype);
   at::Tensor out = reduction == 0 ? at::empty(input.sizes(), opts) : at::empty({}, opts);
@@ -55,7 +56,7 @@ at::Tensor binary_fwd_cpu(const at::Tensor& input, const at::Tensor& target, con
 void binary_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& target,
                     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight, double gamma,
                     double alpha, int64_t reduction, const at::Tensor& grad) {
-  check_binary_bwd(grad_out, input, target, weight, pos_weight, grad, gamma, reduction);
+  check_binary_bwd(grad_out, input, target, weight, pos_weight, grad, gamma, reduction, /*native_targets=*/true);
   double alpha0, alpha_slope;
   binary::binary_alpha_coefficients(alpha, alpha0, alpha_slope);
   const double g = reduction == 0 ? 1.0 : scalar_value(grad_out);

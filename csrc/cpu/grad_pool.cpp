@@ -79,17 +79,25 @@ void* acquire(size_t bytes) {
   return p;
 }
 
-// A contiguous tensor with `like`'s sizes, dtype and device (CPU).
+// A tensor with `like`'s sizes, dtype and device (CPU), in `like`'s layout: its strides when
+// `like` is non-overlapping and dense (channels_last, a transposed matrix, ...), else
+// contiguous. A gradient in its input's layout is what AccumulateGrad keeps as .grad without a
+// copy (it clones one whose strides differ from the parameter's).
 at::Tensor empty_grad_cpu(const at::Tensor& like) {
+  const bool keep = like.is_non_overlapping_and_dense();
   const size_t nbytes = static_cast<size_t>(like.numel()) * like.element_size();
-  if (nbytes < kMinPooled) return at::empty(like.sizes(), like.options());
+  if (nbytes < kMinPooled) {
+    return keep ? at::empty_strided(like.sizes(), like.strides(), like.options()) : at::empty(like.sizes(), like.options());
+  }
   const size_t bytes = round_up(nbytes);
   auto* blk = new Block{acquire(bytes), bytes};
   report(blk->ptr, static_cast<int64_t>(bytes));
   c10::DataPtr data(blk->ptr, blk, &release, c10::Device(c10::DeviceType::CPU));
   c10::Storage storage(c10::Storage::use_byte_size_t(), nbytes, std::move(data), /*allocator=*/nullptr,
                        /*resizable=*/false);
-  return at::empty({0}, like.options()).set_(storage, 0, like.sizes());
+  // dense: the strides span exactly numel elements from offset 0
+  at::Tensor out = at::empty({0}, like.options());
+  return keep ? out.set_(storage, 0, like.sizes(), like.strides()) : out.set_(storage, 0, like.sizes());
 }
 
 }  // namespace

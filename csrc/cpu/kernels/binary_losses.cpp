@@ -13,7 +13,8 @@
 // Memory traffic: input and target are read once, the gradient written once, and either the
 // per-element loss or nothing (the sum stays in registers and per-item partials); weight,
 // pos_weight and grad_out are read through their (often 0) strides, never materialized at
-// (M, L).
+// (M, L); a bool or integer target is read as it is (converted to acc_t in L1), never copied
+// to a float tensor first.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -182,6 +183,20 @@ void stage_in_any(const void* src, at::ScalarType t, int64_t s1, int64_t n, acc_
   }
 }
 
+// A target of the input's dtype, bool or integer, as acc_t (0/1 labels: exact).
+template <typename acc_t>
+void stage_in_target(const void* src, at::ScalarType t, int64_t s1, int64_t n, acc_t* dst) {
+  switch (t) {
+    case at::kBool: return stage_in(static_cast<const bool*>(src), s1, n, dst);
+    case at::kByte: return stage_in(static_cast<const uint8_t*>(src), s1, n, dst);
+    case at::kChar: return stage_in(static_cast<const int8_t*>(src), s1, n, dst);
+    case at::kShort: return stage_in(static_cast<const int16_t*>(src), s1, n, dst);
+    case at::kInt: return stage_in(static_cast<const int32_t*>(src), s1, n, dst);
+    case at::kLong: return stage_in(static_cast<const int64_t*>(src), s1, n, dst);
+    default: return stage_in_any(src, t, s1, n, dst);
+  }
+}
+
 template <typename acc_t>
 void stage_out_any(const acc_t* src, int64_t n, void* dst, at::ScalarType t, int64_t s1) {
   switch (t) {
@@ -192,15 +207,14 @@ void stage_out_any(const acc_t* src, int64_t n, void* dst, at::ScalarType t, int
   }
 }
 
-inline size_t elem_size(at::ScalarType t) {
-  return t == at::kDouble ? 8 : t == at::kFloat ? 4 : 2;
-}
+inline size_t elem_size(at::ScalarType t) { return c10::elementSize(t); }
 
 template <typename scalar_t>
 struct BinaryProblem {
   using acc_t = at::opmath_type<scalar_t>;
   // pointers (w, pw: nullptr = all ones; g: nullptr = no gradient; out: nullptr = no loss)
-  Strided<const scalar_t> x, y;
+  Strided<const scalar_t> x;
+  Strided<const void> y;  // target: input's dtype, bool or integer (y.dtype)
   Strided<const acc_t> w, pw;
   Strided<scalar_t> g;
   Strided<void> out;        // per-element loss (reduction none), out_dtype, or nullptr
@@ -238,33 +252,52 @@ double binary_item(const BinaryProblem<scalar_t>& P, int64_t i, int64_t j0, int6
   };
   const bool out_direct = P.out.ptr == nullptr || (P.out.dtype == acc_type && P.out.s1 == 1);
   const bool gsc_direct = P.gsc.ptr == nullptr || (P.gsc.dtype == acc_type && P.gsc.s1 <= 1);
+  // input, target and gradient in place when contiguous acc_t; else staged through buffers
+  const bool x_direct = kSameType && P.x.s1 == 1;
+  const bool y_direct = P.y.dtype == acc_type && P.y.s1 == 1;
+  const bool g_direct = !kGrad || (kSameType && P.g.s1 == 1);
+  auto y_at = [&](int64_t j) {
+    return static_cast<const char*>(P.y.ptr) + (i * P.y.s0 + j * P.y.s1) * elem_size(P.y.dtype);
+  };
+  auto out_at = [&](int64_t j) {
+    return static_cast<char*>(P.out.ptr) + (i * P.out.s0 + j * P.out.s1) * elem_size(P.out.dtype);
+  };
 
-  if (kSameType && P.x.s1 == 1 && P.y.s1 == 1 && (!kGrad || P.g.s1 == 1) && direct(P.w) && direct(P.pw) &&
-      out_direct && gsc_direct) {
+  if (x_direct && y_direct && g_direct && direct(P.w) && direct(P.pw) && out_direct && gsc_direct) {
     const acc_t* x = reinterpret_cast<const acc_t*>(P.x.row(i)) + j0;
-    const acc_t* y = reinterpret_cast<const acc_t*>(P.y.row(i)) + j0;
+    const acc_t* y = reinterpret_cast<const acc_t*>(y_at(j0));
     acc_t* g = kGrad ? reinterpret_cast<acc_t*>(P.g.row(i)) + j0 : nullptr;
-    acc_t* loss = P.out.ptr ? static_cast<acc_t*>(P.out.ptr) + i * P.out.s0 + j0 : nullptr;
+    acc_t* loss = P.out.ptr ? reinterpret_cast<acc_t*>(out_at(j0)) : nullptr;
     return binary_span<kGamma, kGrad, kSum>(n, x, y, operand(P.w, j0, nullptr, 0), operand(P.pw, j0, nullptr, 0),
                                             scale_operand(j0, nullptr, 0), g, loss, P.p);
   }
 
-  // Staged: gather / convert kStageCols elements at a time into acc_t buffers.
+  // Staged: gather / convert kStageCols elements at a time into acc_t buffers (only the
+  // operands that need it: a bool target beside a contiguous float input stages the target).
   acc_t xb[kStageCols], yb[kStageCols], wb[kStageCols], pwb[kStageCols], sb[kStageCols], gb[kStageCols],
       lb[kStageCols];
   double total = 0;
   for (int64_t k = 0; k < n; k += kStageCols) {
     const int64_t len = std::min(kStageCols, n - k);
     const int64_t j = j0 + k;
-    stage_in(P.x.row(i) + j * P.x.s1, P.x.s1, len, xb);
-    stage_in(P.y.row(i) + j * P.y.s1, P.y.s1, len, yb);
-    total += binary_span<kGamma, kGrad, kSum>(len, xb, yb, operand(P.w, j, wb, len), operand(P.pw, j, pwb, len),
-                                              scale_operand(j, sb, len), gb, P.out.ptr ? lb : nullptr, P.p);
-    if (kGrad) stage_out(gb, len, P.g.row(i) + j * P.g.s1, P.g.s1);
-    if (P.out.ptr) {
-      char* o = static_cast<char*>(P.out.ptr) + (i * P.out.s0 + j * P.out.s1) * elem_size(P.out.dtype);
-      stage_out_any(lb, len, o, P.out.dtype, P.out.s1);
+    const acc_t* xp = xb;
+    if (x_direct) {
+      xp = reinterpret_cast<const acc_t*>(P.x.row(i)) + j;
+    } else {
+      stage_in(P.x.row(i) + j * P.x.s1, P.x.s1, len, xb);
     }
+    const acc_t* yp = yb;
+    if (y_direct) {
+      yp = reinterpret_cast<const acc_t*>(y_at(j));
+    } else {
+      stage_in_target(y_at(j), P.y.dtype, P.y.s1, len, yb);
+    }
+    acc_t* gp = kGrad && g_direct ? reinterpret_cast<acc_t*>(P.g.row(i)) + j : gb;
+    acc_t* lp = P.out.ptr == nullptr ? nullptr : out_direct ? reinterpret_cast<acc_t*>(out_at(j)) : lb;
+    total += binary_span<kGamma, kGrad, kSum>(len, xp, yp, operand(P.w, j, wb, len), operand(P.pw, j, pwb, len),
+                                              scale_operand(j, sb, len), gp, lp, P.p);
+    if (kGrad && !g_direct) stage_out(gb, len, P.g.row(i) + j * P.g.s1, P.g.s1);
+    if (P.out.ptr && !out_direct) stage_out_any(lb, len, out_at(j), P.out.dtype, P.out.s1);
   }
   return total;
 }
@@ -318,7 +351,7 @@ BinaryProblem<scalar_t> make_problem(const at::Tensor& input, const at::Tensor& 
   using Vec = at::vec::Vectorized<acc_t>;
   BinaryProblem<scalar_t> P{
       strided<const scalar_t>(input),
-      strided<const scalar_t>(target),
+      strided<const void>(target),
       weight ? strided<const acc_t>(*weight) : strided_none<const acc_t>(),
       pos_weight ? strided<const acc_t>(*pos_weight) : strided_none<const acc_t>(),
       grad ? strided<scalar_t>(*grad) : strided_none<scalar_t>(),
@@ -381,7 +414,7 @@ void binary_bwd_typed(const at::Tensor& grad_out, const at::Tensor& input, const
 
 }  // namespace
 
-// input, target (M, L) scalar_t; weight, pos_weight (M, L) acc or None; grad (M, L) scalar_t
+// input (M, L) scalar_t; target (M, L) scalar_t, bool or integer; weight, pos_weight (M, L) acc or None; grad (M, L) scalar_t
 // or None (reduction mean / sum only); out (M, L) contiguous (reduction none) or (), in
 // out_dtype. gamma_kind: binary::GammaKind; alpha_t = alpha0 + alpha_slope * target
 // (binary::binary_alpha_coefficients).
