@@ -6,7 +6,8 @@ launchers can launch: block sizes and warps come from the same tables the launch
 constant) in every combination, and the signatures mirror Triton's JIT specialization (an
 integer argument equal to 1 becomes a constant), for the two layouts the launchers see:
 "rows" ((N, C) logits, D = 1, class stride 1) and "dense" ((N, C, d1..dK) logits, class
-stride D, position stride 1).
+stride D, position stride 1). The K-dim kernels (one program per block of positions) serve
+the "dense" layout only, at the tiles of _launch.KDIM_TIERS.
 
 `compile_all(arch)` compiles them with `triton.compile` for a CUDA target (no GPU needed)
 and runs `ptxas -v` on each PTX to report registers, spills and shared memory:
@@ -32,9 +33,13 @@ from triton.compiler import ASTSource
 
 from fusedloss.triton import _launch, _rows  # noqa: E402
 from fusedloss.triton.binary import _binary_bwd_kernel, _binary_fwd_kernel, _scale_grad_kernel  # noqa: E402
-from fusedloss.triton.cross_entropy import _ce_fwd_kernel, _ce_prob_fwd_kernel  # noqa: E402
-from fusedloss.triton.focal import _focal_fwd_kernel  # noqa: E402
-from fusedloss.triton.softmax_bwd import _softmax_bwd_kernel, _softmax_prob_bwd_kernel  # noqa: E402
+from fusedloss.triton.cross_entropy import (  # noqa: E402
+    _ce_fwd_kdim_kernel, _ce_fwd_kernel, _ce_prob_fwd_kdim_kernel, _ce_prob_fwd_kernel,
+)
+from fusedloss.triton.focal import _focal_fwd_kdim_kernel, _focal_fwd_kernel  # noqa: E402
+from fusedloss.triton.softmax_bwd import (  # noqa: E402
+    _softmax_bwd_kdim_kernel, _softmax_bwd_kernel, _softmax_prob_bwd_kdim_kernel, _softmax_prob_bwd_kernel,
+)
 
 DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 LAYOUTS = ("rows", "dense")
@@ -47,6 +52,7 @@ class LaunchConfig:
     constexprs: dict  # arg name -> value (meta-parameters, specialized 1s and Nones)
     num_warps: int
     tag: str  # human-readable summary for tables and test ids
+    divisible: tuple = ()  # arguments the JIT would see as multiples of 16 (tt.divisibility)
 
     @property
     def name(self):
@@ -57,10 +63,13 @@ def _acc(dtype):
     return "fp64" if dtype == torch.float64 else "fp32"
 
 
-def _config(kernel, given, num_warps, tag):
+def _config(kernel, given, num_warps, tag, divisible_except=None):
     """given: arg name -> a Triton type string, or ("const", value) for a specialized
     argument (meta-parameters, None pointers, strides equal to 1). Arguments not given are
-    scalars: fp64 where the kernel annotates them so, else i32 (sizes, strides)."""
+    scalars: fp64 where the kernel annotates them so, else i32 (sizes, strides).
+    divisible_except: None, or the integer arguments that are NOT multiples of 16 while
+    every other pointer and integer is (what the JIT specializes on a GPU: it decides the
+    vector width of the loads, and with it the layout of a 2-D tile)."""
     # the kernel's own Python signature: the same under the interpreter (conftest sets
     # TRITON_INTERPRET=1, where kernels have no JIT .params) and for the compiler
     params = inspect.signature(kernel.fn).parameters.values()
@@ -76,7 +85,10 @@ def _config(kernel, given, num_warps, tag):
             constexprs[p.name] = v[1]
         else:
             signature[p.name] = v
-    return LaunchConfig(kernel, signature, constexprs, num_warps, tag)
+    divisible = ()
+    if divisible_except is not None:
+        divisible = tuple(k for k, v in signature.items() if (v.startswith("*") or v == "i32") and k not in divisible_except)
+    return LaunchConfig(kernel, signature, constexprs, num_warps, tag, divisible)
 
 
 def _const(v):
@@ -144,6 +156,52 @@ def _row_kernel_configs():
     return out
 
 
+KDIM_KERNELS = (_ce_fwd_kdim_kernel, _ce_prob_fwd_kdim_kernel, _focal_fwd_kdim_kernel, _softmax_bwd_kdim_kernel,
+                _softmax_prob_bwd_kdim_kernel)
+
+
+def _kdim_kernel_configs():
+    """The K-dim kernels on NCHW logits: position stride 1 for every (N, C, D) operand and
+    the (N, D) target / grad_output, classes D apart; D and every stride multiples of 16, C
+    not (a segmentation map: 150 classes of 128 x 128 positions), so the loads vectorize as
+    they would there and the tile gets that layout."""
+    out = []
+    odd = ("C", "ignore_index")
+    for dtype, dt in DTYPES.items():
+        acc = _acc(dtype)
+        base = {"x_ptr": f"*{dt}", "stride_xd": _const(1)}
+        for _, block_c, block_d, num_warps, groups in _launch.KDIM_TIERS[dtype]:
+            blocks = {"BLOCK_C": _const(block_c), "BLOCK_D": _const(block_d)}
+            fwd_blocks = {**blocks, "GROUPS": _const(groups)}
+            prob_blocks = {**fwd_blocks, "BLOCK_C": _const(groups)}  # _launch.kdim_config(prob_fwd=True)
+            for f in _flags("weight", "mask", "smoothing", "zloss", "softcap"):
+                tag = f"{dt},kdim,BLOCK={block_c}x{block_d}," + ",".join(f"{k}={int(v)}" for k, v in f.items())
+                mask = {"mask_ptr": _ptr("i1", f["mask"]), **({"stride_md": _const(1)} if f["mask"] else {})}
+                rows_out = {"loss_ptr": f"*{acc}", "count_ptr": f"*{acc}", "stats_ptr": f"*{acc}"}
+                opts = {"weight_ptr": _ptr(acc, f["weight"]), **mask, "HAS_SMOOTHING": _const(f["smoothing"]),
+                        "HAS_ZLOSS": _const(f["zloss"]), "HAS_SOFTCAP": _const(f["softcap"]), **fwd_blocks}  # fmt: skip
+                target = {"target_ptr": "*i64", "stride_td": _const(1)}
+                out.append(_config(_ce_fwd_kdim_kernel, {**base, **opts, **rows_out, **target}, num_warps, tag, odd))
+                out.append(_config(_ce_prob_fwd_kdim_kernel, {**base, **opts, **prob_blocks, **rows_out, "y_ptr": f"*{dt}",
+                                                              "stride_yd": _const(1)}, num_warps, tag, odd))  # fmt: skip
+                if f["smoothing"] or f["zloss"]:
+                    continue
+                if not f["softcap"]:
+                    focal = {**base, **target, "alpha_ptr": _ptr(acc, f["weight"]), **mask, **rows_out, **fwd_blocks}
+                    out.append(_config(_focal_fwd_kdim_kernel, focal, num_warps, tag, odd))
+                for reduction in (0, 1, 2):
+                    bwd = {**base, "weight_ptr": opts["weight_ptr"], **mask, "stats_ptr": f"*{acc}", "go_ptr": f"*{dt}",
+                           "denom_ptr": f"*{acc}", "grad_ptr": f"*{dt}", "stride_gd": _const(1),
+                           "REDUCTION": _const(reduction), "HAS_SOFTCAP": opts["HAS_SOFTCAP"], **blocks}  # fmt: skip
+                    if reduction == 0:
+                        bwd["stride_god"] = _const(1)
+                    btag = f"{tag},reduction={reduction}"
+                    out.append(_config(_softmax_bwd_kdim_kernel, {**bwd, **target}, num_warps, btag, odd))
+                    out.append(_config(_softmax_prob_bwd_kdim_kernel, {**bwd, "y_ptr": f"*{dt}", "stride_yd": _const(1)},
+                                       num_warps, btag, odd))  # fmt: skip
+    return out
+
+
 def _binary_configs():
     out = []
     widths = _launch.BINARY_WIDTHS + (None,)
@@ -190,7 +248,7 @@ def _small_kernel_configs():
 
 def launch_configs():
     """Every (kernel, signature, constexprs, num_warps) the launchers can launch."""
-    return _row_kernel_configs() + _binary_configs() + _small_kernel_configs()
+    return _row_kernel_configs() + _kdim_kernel_configs() + _binary_configs() + _small_kernel_configs()
 
 
 # ----------------------------------------------------------------------------- compile
@@ -225,6 +283,11 @@ class CompileReport:
     ptxas: str  # the ptxas that assembled it
     ptx: str = dataclasses.field(repr=False, default="")
     cubin: bytes = dataclasses.field(repr=False, default=b"")
+    ttgir: str = dataclasses.field(repr=False, default="")
+
+    def layouts(self):
+        """The distinct blocked layouts of the kernel's tensors (Triton GPU IR)."""
+        return sorted(set(re.findall(r"#ttg\.blocked<\{[^}]*\}>", self.ttgir)))
 
 
 _RE_REGS = re.compile(r"Used (\d+) registers")
@@ -263,12 +326,15 @@ def _ptxas_report(ptx: str, ptxas: list):
 def compile_config(cfg: LaunchConfig, arch: int, ptxas: list = None) -> CompileReport:
     """Compile one launch config for sm_<arch> and report ptxas's resource usage."""
     target = GPUTarget("cuda", arch, 64 if arch >= 90 else 32)
-    src = ASTSource(cfg.kernel, cfg.signature, cfg.constexprs)
+    names = list(inspect.signature(cfg.kernel.fn).parameters)
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in cfg.divisible}
+    src = ASTSource(cfg.kernel, cfg.signature, cfg.constexprs, attrs)
     compiled = triton.compile(src, target=target, options={"num_warps": cfg.num_warps, "enable_fp_fusion": True})
     ptx = compiled.asm["ptx"]
     exe, regs, st, ld, stack, smem = _ptxas_report(ptx, ptxas or ptxas_paths(arch))
     return CompileReport(
-        cfg.name, arch, cfg.num_warps, regs, st, ld, stack, smem, compiled.metadata.shared, exe, ptx, compiled.asm["cubin"]
+        cfg.name, arch, cfg.num_warps, regs, st, ld, stack, smem, compiled.metadata.shared, exe, ptx, compiled.asm["cubin"],
+        compiled.asm["ttgir"],
     )
 
 
@@ -290,8 +356,9 @@ def format_table(reports) -> str:
 
 # The configs most likely to spill: each kernel x dtype at its largest tile with every
 # option and optional operand on (the most live registers), the dense (K-dim) layout in
-# float32 too, the elementwise kernels at their widest and narrowest tiles, and the
-# small kernels.
+# float32 too, the K-dim kernels at their wide-map tile (D > 32; the short-map tile holds
+# as many elements per thread), the elementwise kernels at their widest and narrowest
+# tiles, and the small kernels.
 def spill_prone_configs():
     picked = []
     for c in launch_configs():
@@ -300,6 +367,11 @@ def spill_prone_configs():
             keep = (c.constexprs["BLOCK_M"] == 1 or c.constexprs["BLOCK_L"] == 1) and "weight=1,pos_weight=1,focal=1" in c.tag
         elif name in ("_scale_grad_kernel", "_reduce_kernel"):
             keep = True
+        elif c.kernel in KDIM_KERNELS:
+            dtype = next(d for d, dt in DTYPES.items() if c.tag.startswith(dt))
+            all_on = all(c.constexprs.get(k, True) for k in ("HAS_SMOOTHING", "HAS_ZLOSS", "HAS_SOFTCAP"))
+            all_on = all_on and "weight=1,mask=1" in c.tag and c.constexprs.get("REDUCTION", 0) == 0
+            keep = all_on and c.constexprs["BLOCK_D"] == _launch.KDIM_TIERS[dtype][-1][2]
         else:
             dtype = next(d for d, dt in DTYPES.items() if c.tag.startswith(dt))
             largest = max(block for _, block, _ in _launch.ROW_TIERS[dtype])
@@ -324,8 +396,21 @@ def plain_ce_configs(dtype=torch.bfloat16):
     ]  # fmt: skip
 
 
+def plain_kdim_configs(dtype=torch.bfloat16):
+    """The kernels of a plain segmentation step (NCHW logits, D > 32, no option, weight or
+    mask): the K-dim cross-entropy forward and backward with reduction "mean"."""
+    dt = DTYPES[dtype]
+    block_c, block_d = _launch.KDIM_TIERS[dtype][-1][1:3]
+    plain = "weight=0,mask=0,smoothing=0,zloss=0,softcap=0"
+    return [
+        c for c in launch_configs()
+        if c.kernel in (_ce_fwd_kdim_kernel, _softmax_bwd_kdim_kernel)
+        and c.tag.startswith(f"{dt},kdim,BLOCK={block_c}x{block_d},{plain}") and c.constexprs.get("REDUCTION", 1) == 1
+    ]  # fmt: skip
+
+
 if __name__ == "__main__":
-    # python tests/aot.py [ARCH] [--spill-prone | --plain]; exit status 1 when ptxas spills.
+    # python tests/aot.py [ARCH] [--spill-prone | --plain | --plain-kdim]; exit status 1 when ptxas spills.
     # Must run without TRITON_INTERPRET=1 (interpreted kernels cannot be compiled).
     import argparse
 
@@ -333,10 +418,18 @@ if __name__ == "__main__":
     parser.add_argument("arch", type=int, nargs="?", default=90)
     parser.add_argument("--spill-prone", action="store_true", help="only the configs most likely to spill")
     parser.add_argument("--plain", action="store_true", help="only the plain bf16 cross-entropy step's kernels")
+    parser.add_argument("--plain-kdim", action="store_true", help="only the plain bf16 segmentation step's kernels")
+    parser.add_argument("--layouts", action="store_true", help="print each kernel's blocked layouts (lines 'layout ...')")
     args = parser.parse_args()
-    configs = spill_prone_configs() if args.spill_prone else plain_ce_configs() if args.plain else None
+    configs = (
+        spill_prone_configs() if args.spill_prone else plain_ce_configs() if args.plain
+        else plain_kdim_configs() if args.plain_kdim else None
+    )  # fmt: skip
     reports = compile_all(args.arch, configs)
     print(format_table(reports))
+    if args.layouts:
+        for r in reports:
+            print("\n".join(f"layout {r.name} {lay}" for lay in r.layouts()))
     spilled = [r.name for r in reports if r.spill_stores or r.spill_loads]
     print(f"{len(reports)} configs compiled for sm_{args.arch}; {len(spilled)} spill")
     sys.exit(1 if spilled else 0)

@@ -24,6 +24,11 @@ HERE = Path(__file__).resolve().parent
 # mask): options that are off must cost nothing in the kernel that runs. The kernel that
 # carried every option at run time used 58 registers; the specialized one needs far fewer.
 PLAIN_REGISTER_BUDGET = 40
+# The plain bf16 segmentation step's K-dim kernels (NCHW, D > 32) at sm_90: forward 72
+# registers, backward 104 (each thread holds 8 positions -- the 16-byte vector of bf16 -- and
+# their per-row numbers). The budget catches a regression (an option that leaks into the
+# plain kernel, a per-step shared-memory merge), not a tuned figure.
+PLAIN_KDIM_REGISTER_BUDGET = 112
 
 
 def _compile(arch, *flags):
@@ -72,6 +77,26 @@ def test_plain_cross_entropy_step_registers():
         assert spill == 0, f"{name}: {spill} B spilled\n{done.stdout}"
 
 
+def test_plain_kdim_step_registers_and_layout():
+    """The plain bf16 segmentation step's K-dim forward and backward at sm_90: within the
+    register budget, no spills, and the forward's (classes, groups, positions) tile laid out
+    with every class of a group in one thread (threadsPerWarp and warpsPerCTA 1 on axis 0):
+    the reduction over a step's classes never leaves the thread (_launch.py, K-dim kernels)."""
+    done = _compile(90, "--plain-kdim", "--layouts")
+    assert done.returncode == 0, f"compile failed or spills:\n{done.stdout}\n{done.stderr[-3000:]}"
+    rows = _report_rows(done.stdout)
+    assert len(rows) == 2, done.stdout  # forward and backward
+    for name, regs, spill in rows:
+        assert regs <= PLAIN_KDIM_REGISTER_BUDGET, f"{name}: {regs} registers > {PLAIN_KDIM_REGISTER_BUDGET}\n{done.stdout}"
+        assert spill == 0, f"{name}: {spill} B spilled\n{done.stdout}"
+    tiles = [line for line in done.stdout.splitlines() if line.startswith("layout _ce_fwd_kdim_kernel") and "order = [2, 1, 0]" in line]
+    assert tiles, done.stdout
+    for line in tiles:
+        threads = re.search(r"threadsPerWarp = \[(\d+),", line).group(1)
+        warps = re.search(r"warpsPerCTA = \[(\d+),", line).group(1)
+        assert threads == "1" and warps == "1", f"the class axis is split across threads:\n{line}"
+
+
 def test_launchers_pick_enumerated_configs():
     """Every block size / warp count the launchers pick is one aot enumerates (same table)."""
     import torch
@@ -79,10 +104,17 @@ def test_launchers_pick_enumerated_configs():
     configs = aot.launch_configs()
     enumerated = {(c.constexprs.get("BLOCK_C"), c.num_warps) for c in configs}
     enumerated_bin = {(c.constexprs.get("BLOCK_M"), c.constexprs.get("BLOCK_L"), c.num_warps) for c in configs}
+    enumerated_kdim = {(c.constexprs["BLOCK_C"], c.constexprs["BLOCK_D"], c.num_warps) for c in configs if "BLOCK_D" in c.constexprs}
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         for num_classes in (2, 128, 129, 1000, 1024, 1025, 32000, 262144):
             assert _launch.row_config(num_classes, dtype) in enumerated
         for row_len in (1, 2, 8, 9, 32, 33, 64, 65, 80, 128, 129, 100000):
             assert _launch.binary_config(row_len, dtype)[:3] in enumerated_bin
+        for num_positions in (2, 32, 33, 4096):
+            block_c, block_d, warps, groups = _launch.kdim_config(num_positions, dtype)
+            assert (block_c, block_d, warps) in enumerated_kdim
+            assert (groups, block_d, warps) in enumerated_kdim  # the probability-target forward's
+            assert block_c % groups == 0
     assert aot.spill_prone_configs(), "no spill-prone configs selected"
     assert len(aot.plain_ce_configs()) == 2
+    assert len(aot.plain_kdim_configs()) == 2

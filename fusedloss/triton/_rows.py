@@ -15,6 +15,10 @@ The helpers here are the pieces every row kernel needs, written once:
   * `_row_lse`       -- log-sum-exp of the merged pair, NaN when the row held a NaN
   * `_fold_lse_rounding` -- the float32 lse's rounding, folded into coef_p
   * `_store_stats`   -- the four per-row numbers backward reads (csrc/ops.cpp)
+  * `_position_block`, `_store_stats_block` -- the same for the K-dim kernels, whose program
+                        holds a block of positions (rows) instead of one row
+  * `_class_tile`    -- the class indices of a K-dim forward step, in class groups
+  * `_merge_groups`, `_merge_relative` -- a K-dim forward's class groups merged per position
   * `_pow`           -- q ** gamma with the focal conventions (q^0 = 1)
   * `_expm1`         -- accurate exp(x) - 1 (tl has no expm1 on every version)
   * `_scalar`        -- a float64 scalar argument in the accumulation dtype
@@ -173,6 +177,66 @@ def _store_stats(stats_ptr, row, counted, lse, coef_p, smooth, target_coef):
     v = tl.where(k == 0, lse, tl.where(k == 1, coef_p, tl.where(k == 2, smooth, target_coef)))
     v = tl.where(counted, v, tl.where(k == 0, float("-inf"), 0.0))
     tl.store(stats_ptr + row.to(tl.int64) * 4 + k, v)
+
+
+@triton.jit
+def _position_block(pid, D, BLOCK_D: tl.constexpr):
+    """(n, d, ok) of a K-dim program: program `pid` holds positions d = d0 .. d0 + BLOCK_D - 1
+    of sample n (rows n * D + d), ok = d < D. Programs run over the position blocks of sample
+    0, then sample 1, ...; the block index and D fit in int32 (a grid dimension does)."""
+    blocks = tl.cdiv(D, BLOCK_D)
+    n = pid // blocks
+    d = (pid - n * blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
+    return n, d, d < D
+
+
+@triton.jit
+def _class_tile(start, BLOCK_C: tl.constexpr, GROUPS: tl.constexpr):
+    """(BLOCK_C // GROUPS, GROUPS, 1) class indices start .. start + BLOCK_C - 1 of a K-dim
+    forward step: group g holds classes start + g * BLOCK_C // GROUPS + i. The tile is
+    (classes of a group, groups, positions): Triton's layout fills positions, then groups
+    with the threads and warps, so each thread holds all classes of its group and a step's
+    reduction over them (axis 0) stays inside the thread; the groups are merged once, after
+    the pass (_merge_groups). A (classes, positions) tile would put the warps on the classes
+    once the positions are vectorized, and merge across warps (shared memory, a barrier) at
+    every step."""
+    per_group: tl.constexpr = BLOCK_C // GROUPS
+    i = tl.arange(0, per_group)[:, None, None]
+    g = tl.arange(0, GROUPS)[None, :, None]
+    return start + g * per_group + i
+
+
+@triton.jit
+def _merge_groups(m, s):
+    """(max, sum exp(z - max)) per position from the class groups' (m, s) (axis 0): the exact
+    merge of partial rows, -inf groups (nothing allowed) contributing 0, NaN staying in s."""
+    m_all = tl.max(m, 0)
+    ref = tl.where(m_all == float("-inf"), 0.0, m_all)
+    return m_all, tl.sum(s * tl.exp(m - ref[None, :]), 0)
+
+
+@triton.jit
+def _merge_relative(total, weight, m, m_all):
+    """A _relative_sum kept per class group (axis 0; reference: the group's max m, 0 while
+    -inf; `weight` its sum of w), moved to the merged max m_all and summed over the groups."""
+    ref = tl.where(m == float("-inf"), 0.0, m)
+    ref_all = tl.where(m_all == float("-inf"), 0.0, m_all)[None, :]
+    return tl.sum(total + tl.where(weight == 0, 0.0, weight * (ref - ref_all)), 0)
+
+
+@triton.jit
+def _store_stats_block(stats_ptr, rows, ok, counted, lse, coef_p, smooth, target_coef):
+    """_store_stats for a block of rows (int64 `rows`, lanes with `ok` False not written):
+    one (BLOCK_D, 4) tile, each row's four numbers contiguous. Scalars (an option that is
+    off, no weight) are broadcast to the block first."""
+    zero = tl.zeros_like(lse)
+    k = tl.arange(0, 4)[None, :]
+    v = tl.where(
+        k == 0, lse[:, None],
+        tl.where(k == 1, (coef_p + zero)[:, None], tl.where(k == 2, (smooth + zero)[:, None], (target_coef + zero)[:, None])),
+    )  # fmt: skip
+    v = tl.where(counted[:, None], v, tl.where(k == 0, float("-inf"), 0.0))
+    tl.store(stats_ptr + rows[:, None] * 4 + k, v, mask=ok[:, None])
 
 
 @triton.jit
