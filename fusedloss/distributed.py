@@ -270,6 +270,35 @@ class _VocabParallelFn(torch.autograd.Function):
         return _input_grad(grad), None, None, None, None, None
 
 
+def _from_dtensors(input, target, weight, mask, group):
+    """A DTensor input sharded along the classes (a ColwiseParallel head with
+    use_local_output=False) is taken as its local slice, its mesh's group as the group
+    (its gradient flows back as a DTensor of the same placements); DTensor target, weight,
+    mask as their local tensors."""
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # torch without distributed tensors
+        return input, target, weight, mask, group
+    if isinstance(input, DTensor):
+        class_dim = 1 if input.dim() >= 2 else 0
+        placements = input.placements
+        if input.device_mesh.ndim != 1 or not (
+            isinstance(placements[0], Shard) and placements[0].dim % input.dim() in (class_dim, input.dim() - 1)
+        ):
+            raise ValueError(
+                f"fusedloss: a DTensor input must be sharded along its class dimension on a 1-D mesh, got {placements}"
+            )
+        if placements[0].dim % input.dim() != class_dim:
+            raise ValueError(
+                f"fusedloss: the DTensor input is sharded along dim {placements[0].dim}, but the classes are dim "
+                f"{class_dim} (as in cross_entropy): flatten (B, T, V) logits to (B * T, V) first"
+            )
+        group = input.device_mesh.get_group() if group is None else group
+        input = input.to_local()
+    target, weight, mask = (v.to_local() if isinstance(v, DTensor) else v for v in (target, weight, mask))
+    return input, target, weight, mask, group
+
+
 # ----------------------------------------------------------------------------- public
 def vocab_parallel_cross_entropy(
     input: Tensor,
@@ -298,6 +327,7 @@ def vocab_parallel_cross_entropy(
     the same on every rank; its backward gives input the gradient of this rank's slice.
     """
     _check_reduction(reduction)
+    input, target, weight, mask, group = _from_dtensors(input, target, weight, mask, group)
     _check_float("input", input)
     if input.dim() < 1:
         raise ValueError(f"input must have at least 1 dimension (C,), got shape {tuple(input.shape)}")

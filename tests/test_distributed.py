@@ -176,19 +176,20 @@ def _lm_head_and_batch():
     return head, h, labels
 
 
-def _colwise(world):
+def _colwise(world, local_output):
     """The README's recipe: a ColwiseParallel lm_head (torch's tensor parallelism, its own
-    uneven chunks of the vocabulary) gives each rank (B, T, V_r) local logits."""
+    uneven chunks of the vocabulary) gives each rank (B, T, V_r) local logits; or, with
+    use_local_output=False, a DTensor sharded along the vocabulary."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
     head, h, labels = _lm_head_and_batch()
     mesh = init_device_mesh("cpu", (world,))
-    head = parallelize_module(head, mesh, ColwiseParallel(use_local_output=True))
-    logits = head(h)  # (B, T, V_r): this rank's slice
+    head = parallelize_module(head, mesh, ColwiseParallel(use_local_output=local_output))
+    logits = head(h)  # (B, T, V_r): this rank's slice (or the DTensor of them)
     loss = vocab_parallel_cross_entropy(logits.flatten(0, 1), labels.flatten(), label_smoothing=0.1)
     loss.backward()
-    return dict(loss=loss.detach(), weight_grad=head.weight.grad.to_local(), vocab=logits.shape[-1])
+    return dict(loss=loss.detach(), weight_grad=head.weight.grad.to_local(), vocab=head.weight.to_local().shape[0])
 
 
 def _worker(rank, world, port, out_dir):
@@ -207,10 +208,11 @@ def _worker(rank, world, port, out_dir):
         except Exception:  # noqa: BLE001 -- reported to the parent, per case
             results[case["name"]] = traceback.format_exc()
     results["bad"] = _bad_inputs(rank, world)
-    try:
-        results["colwise"] = _colwise(world)
-    except Exception:  # noqa: BLE001
-        results["colwise"] = traceback.format_exc()
+    for local_output in (True, False):
+        try:
+            results["colwise", local_output] = _colwise(world, local_output)
+        except Exception:  # noqa: BLE001
+            results["colwise", local_output] = traceback.format_exc()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -306,14 +308,15 @@ def test_bad_input_raises_on_every_rank(ranks):
             assert "different numbers of rows" in bad["rows-differ"][1]
 
 
-def test_colwise_parallel_lm_head(ranks):
+@pytest.mark.parametrize("local_output", [True, False], ids=["local-logits", "dtensor-logits"])
+def test_colwise_parallel_lm_head(ranks, local_output):
     world, results = ranks
     head, h, labels = _lm_head_and_batch()
     loss = F.cross_entropy(head(h).flatten(0, 1), labels.flatten(), label_smoothing=0.1)
     loss.backward()
     start = 0
     for rank, res in enumerate(results):
-        r = res["colwise"]
+        r = res["colwise", local_output]
         assert not isinstance(r, str), f"rank {rank} raised:\n{r}"
         torch.testing.assert_close(r["loss"], loss.detach(), **TOL[torch.float64])
         torch.testing.assert_close(r["weight_grad"], head.weight.grad[start:start + r["vocab"]], rtol=0, atol=1e-12)
