@@ -13,6 +13,7 @@ if os.environ.get("FUSEDLOSS_TEST_GPU") != "1":
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 import fusedloss  # noqa: E402
 
@@ -181,6 +182,29 @@ def reduce_rows(losses, counts, reduction):
         return losses.sum()
     total = counts.sum()
     return losses.sum() / total if total > 0 else losses.sum() * 0
+
+
+def class_masked_ce_reference(t, weight, keep, ignore_index, reduction, eps=0.0, z_loss=0.0, softcap=0.0):
+    """Cross-entropy of (N, C, ...) float64 logits over the allowed classes `keep` (a class
+    mask no counted target hits, so PyTorch's own function on those columns is the
+    reference), with softcap (cap tanh(x / cap)) and z-loss (+ z w_t logsumexp^2), reduced as
+    PyTorch reduces: a function of the logits, for check_against."""
+    counted = t != ignore_index
+    t_kept = torch.full_like(t, ignore_index)
+    for i, c in enumerate(keep):
+        t_kept[t == c] = i
+    w = None if weight is None else weight.double()[keep]
+
+    def ref(x64):
+        z = softcap * torch.tanh(x64 / softcap) if softcap else x64
+        z = z[:, keep]
+        rows = F.cross_entropy(z, t_kept, w, ignore_index=ignore_index, label_smoothing=eps, reduction="none")
+        w_t = torch.ones_like(rows) if w is None else w[t_kept.clamp(0, len(keep) - 1)]
+        w_t = torch.where(counted, w_t, 0.0)
+        rows = rows + z_loss * w_t * torch.logsumexp(z, 1) ** 2
+        return reduce_rows(rows, w_t, reduction)
+
+    return ref
 
 
 def gradcheck(fn, x, backend):

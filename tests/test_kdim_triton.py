@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import fusedloss
-from conftest import REDUCTIONS, check_against, check_exact, make_logits, reduce_rows, value_and_grad
+from conftest import (
+    REDUCTIONS, check_against, check_exact, class_masked_ce_reference, make_logits, reduce_rows, value_and_grad,
+)
 from fusedloss.triton import _launch
 
 # the launcher modules (the package's own names ce_fwd, softmax_bwd, ... are its custom ops)
@@ -54,28 +56,6 @@ def launched(monkeypatch):
     return log
 
 
-def _ce_reference(t, weight, keep, ignore_index, reduction, eps=0.0, z_loss=0.0, softcap=0.0):
-    """Cross-entropy of float64 logits over the allowed classes `keep` (a class mask that no
-    counted target hits: PyTorch's own function on those columns is the reference), with
-    softcap (cap tanh(x / cap)) and z-loss (+ z w_t logsumexp^2), reduced as PyTorch reduces."""
-    counted = t != ignore_index
-    t_kept = torch.full_like(t, ignore_index)
-    for i, c in enumerate(keep):
-        t_kept[t == c] = i
-    w = None if weight is None else weight.double()[keep]
-
-    def ref(x64):
-        z = softcap * torch.tanh(x64 / softcap) if softcap else x64
-        z = z[:, keep]
-        rows = F.cross_entropy(z, t_kept, w, ignore_index=ignore_index, label_smoothing=eps, reduction="none")
-        w_t = torch.ones_like(rows) if w is None else w[t_kept.clamp(0, len(keep) - 1)]
-        w_t = torch.where(counted, w_t, 0.0)
-        rows = rows + z_loss * w_t * torch.logsumexp(z, 1) ** 2
-        return reduce_rows(rows, w_t, reduction)
-
-    return ref
-
-
 CE_CASES = {
     "plain": {},
     "weight+smoothing+ignore255": {"weight": True, "label_smoothing": 0.1},
@@ -103,8 +83,8 @@ def test_cross_entropy_every_option(launched, tiles, shape, case, reduction):
         check_against(
             lambda v: fusedloss.cross_entropy(v, t, weight, ignore_index=255, reduction=reduction, mask=mask,
                                               backend="triton", **kw),
-            _ce_reference(t, weight, keep, 255, reduction, eps=kw.get("label_smoothing", 0.0), z_loss=kw.get("z_loss", 0.0),
-                          softcap=kw.get("softcap", 0.0)),
+            class_masked_ce_reference(t, weight, keep, 255, reduction, eps=kw.get("label_smoothing", 0.0),
+                                      z_loss=kw.get("z_loss", 0.0), softcap=kw.get("softcap", 0.0)),
             x, f"K-dim CE {case} {reduction}",
         )  # fmt: skip
     assert launched == ["_ce_fwd_kdim_kernel", "_softmax_bwd_kdim_kernel"], launched

@@ -86,6 +86,12 @@ def test_nvcc_compiles(source, arch, tmp_path):
     lines = [f"{regs:>4} regs  spill st/ld {st}/{ld}  {names[e]}" for e, (regs, st, ld) in sorted(report.items())]
     print(f"\n{source.name} sm_{arch}:\n" + "\n".join(lines))
     spilled = [f"{names[e]}: {st}/{ld} bytes" for e, (_, st, ld) in report.items() if st or ld]
+    # The K-dim kernels (a thread per position: softmax_*_kernel<T, 1, 128, ...>) must not
+    # spill at all: their loop carries one row's sums per thread and nothing else.
+    kdim = [n for n in spilled if re.search(r"softmax_(fwd|bwd)_kernel<[^,]+, 1, 128,", n)]
+    assert not kdim, f"{source.name} (sm_{arch}): the K-dim kernels spill: {kdim}"
+    if source.name == "softmax_losses.cu" and any("fusedloss::" in n for n in names.values()):  # demangled
+        assert any(re.search(r"softmax_fwd_kernel<[^,]+, 1, 128,", n) for n in names.values()), "no K-dim kernel compiled"
     if spilled:
         # Reported, not failed: a few bytes of ABI stack around ptxas' math slow paths show
         # up as "spills" that cost nothing measurable; a real spill shows up here by name.

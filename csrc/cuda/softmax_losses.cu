@@ -11,10 +11,16 @@
 //
 // Layout (both directions): a row (one (n, d) of the (N, C, D) logits) is handled by kTPR
 // threads; a block holds kRows rows (blockDim = (kTPR, kRows)) and blocks grid-stride over the
-// rows. kTPR = 1 for short rows of K-dim inputs with contiguous positions (a warp then reads
-// 32 consecutive positions of one class: coalesced), 32 (one warp, 4 rows per block) up to 1k
-// classes, 256 or 512 beyond. Each thread walks its classes c = tid, tid + kTPR, ..., kUnroll
-// loads in flight.
+// rows. Each thread walks its classes c = tid, tid + kTPR, ..., kUnroll loads in flight.
+//   K-dim input with contiguous positions (NCHW: x_d == 1, classes D apart): kTPR = 1, a
+//   block of 128 consecutive rows, i.e. 128 consecutive positions, one per thread, each
+//   thread looping over its row's classes (kUnroll loads in flight) with the per-row online max /
+//   sum-exp of softmax_row.h. A warp's load of class c reads 32 consecutive positions: one
+//   coalesced access, where a warp per row would read 32 classes D elements apart. Chosen
+//   for any C when the rows are many enough to fill the GPU with one thread each (pick_layout),
+//   as the CPU lane path puts positions in the vector lanes.
+//   Otherwise (contiguous classes: (N, C) rows, channels_last): 32 threads (one warp, 4 rows
+//   per block) up to 1k classes, 256 or 512 beyond.
 //   ce_fwd / focal_fwd  softmax_fwd_kernel: pass 1 per thread (online max / sum-exp and the
 //                       side sums, relative to the running max), a fixed butterfly-shuffle and
 //                       shared-memory merge of the row (deterministic, no atomics), finalize
@@ -44,7 +50,9 @@ namespace fusedloss {
 namespace cuda {
 namespace {
 
-constexpr int kUnroll = 4;  // classes per thread loaded before any is used
+// Classes per thread loaded before any is used. 8 with a thread per row (kTPR = 1) was
+// tried: 72-123 registers instead of 56-97, and the smoothing forward spilled 24 B at sm_80.
+constexpr int kUnroll = 4;
 
 // Which sums pass 1 carries besides max / sum-exp; a template parameter, so the plain kernel
 // (no smoothing, class-index target: the usual cross-entropy, and focal) carries none of the
@@ -368,12 +376,19 @@ struct Layout {
   int rows;  // rows per block
 };
 
-// A thread per row when a K-dim input's positions are contiguous (x_d == 1) and rows are
-// short: each class is then one coalesced load for 32 rows, where a warp per row would read
-// 32 classes D elements apart. Otherwise one warp per row up to 1k classes (4 rows per
-// block), 8 warps up to 16k, 16 beyond.
-Layout pick_layout(int64_t C, int64_t D, int64_t x_d) {
-  if (D >= 32 && x_d == 1 && C <= 256) return {1, 128};
+// Rows for which a thread per row fills the GPU: 16 blocks of 128 threads on 132 SMs
+// (H100) is 270k; a quarter of that keeps 4 resident blocks per SM busy.
+constexpr int64_t kThreadRowsMin = 65536;
+
+// A thread per row when a K-dim input's positions are contiguous (x_d == 1, D > 1): each
+// class is then one coalesced load for a warp's 32 consecutive positions (with D < 32 a warp
+// spans 32 / D samples: still D-element runs instead of single elements), where a warp per
+// row would read 32 classes D elements apart. For short rows (C <= 256) always; for longer
+// ones when the rows alone fill the GPU (a segmentation map: 16 x 128 x 128 = 262k rows),
+// else a few long rows would run on a few threads. Otherwise one warp per row up to 1k
+// classes (4 rows per block), 8 warps up to 16k, 16 beyond.
+Layout pick_layout(int64_t C, int64_t R, int64_t D, int64_t x_d) {
+  if (D > 1 && x_d == 1 && (C <= 256 || R >= kThreadRowsMin)) return {1, 128};
   if (C <= 1024) return {32, 4};
   if (C <= 16384) return {256, 1};
   return {512, 1};
@@ -402,7 +417,7 @@ void fwd_for_layout(const SoftmaxFwdParams& p, cudaStream_t stream) {
 
 template <typename scalar_t>
 void fwd_for_dtype(const SoftmaxFwdParams& p, cudaStream_t stream) {
-  switch (pick_layout(p.C, p.D, p.x_d).tpr) {
+  switch (pick_layout(p.C, p.N * p.D, p.D, p.x_d).tpr) {
     case 1: return fwd_for_layout<scalar_t, 1, 128>(p, stream);
     case 32: return fwd_for_layout<scalar_t, 32, 4>(p, stream);
     case 256: return fwd_for_layout<scalar_t, 256, 1>(p, stream);
@@ -423,7 +438,7 @@ void bwd_for_layout(const SoftmaxBwdParams& p, int64_t blocks, cudaStream_t stre
 
 template <typename scalar_t>
 void bwd_for_dtype(const SoftmaxBwdParams& p, cudaStream_t stream) {
-  const Layout l = pick_layout(p.C, p.D, p.x_d);
+  const Layout l = pick_layout(p.C, p.N * p.D, p.D, p.x_d);
   const int64_t blocks = grid_for(l, p.N * p.D);
   switch (l.tpr) {
     case 1: return bwd_for_layout<scalar_t, 1, 128>(p, blocks, stream);
@@ -437,7 +452,7 @@ void bwd_for_dtype(const SoftmaxBwdParams& p, cudaStream_t stream) {
 
 int64_t plan_softmax_fwd(SoftmaxFwdParams& p) {
   const int64_t R = p.N * p.D;
-  p.blocks = R == 0 ? 0 : grid_for(pick_layout(p.C, p.D, p.x_d), R);
+  p.blocks = R == 0 ? 0 : grid_for(pick_layout(p.C, R, p.D, p.x_d), R);
   return p.blocks * int64_t(sizeof(double2));
 }
 
