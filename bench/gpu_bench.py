@@ -2,14 +2,16 @@
 (a stage killed by its timeout leaves what it measured):
 
     python bench/gpu_bench.py copy    --out DIR    # device-to-device copy: the bandwidth reference
-    python bench/gpu_bench.py bench   --out DIR --sections llm,seg,linear [--budget-s 90]
+    python bench/gpu_bench.py bench   --out DIR --sections llm,seg,linear,dense [--budget-s 90]
     python bench/gpu_bench.py summary --out DIR    # tables, the issue's GPU targets, JSON + PNG
 
 Sections (every one against eager, torch.compile and the peers installed, do_bench medians):
   llm     cross-entropy on (N, C) logits: 16384x128256 bf16, 4096x128256 bf16, 4096x32000 fp32;
           fusedloss on the triton and cuda backends (and triton with inplace_backward)
-  seg     cross-entropy on 16x150x128x128 fp32 maps, ignore_index=255, contiguous and channels_last
+  seg     cross-entropy on 16x150x128x128 maps (ADE20K), ignore_index=255, fp32 and bf16, contiguous
+          (NCHW: the K-dim kernels, positions across lanes) and channels_last (the row kernels)
   linear  logits = h @ W.T (not a leaf) -> cross-entropy -> backward, N x 128256 x 4096 bf16
+  dense   sigmoid focal loss on 8x80x128x128 fp32 detection maps (COCO), channels_last and NCHW
 --dry-run: the same code on the CPU with tiny shapes and torch.utils.benchmark timings, to
 check the script before spending GPU time (its figures mean nothing).
 """
@@ -26,10 +28,25 @@ import torch
 
 import bench_cross_entropy
 import bench_linear_ce
+import bench_vision
 
 COPY_SHAPE = (16384, 128256)  # the bf16 logits of the largest LLM case
 LLM_SHAPES = [((16384, 128256), torch.bfloat16), ((4096, 128256), torch.bfloat16), ((4096, 32000), torch.float32)]
 DRY_LLM_SHAPES = [((512, 2000), torch.bfloat16), ((256, 1000), torch.float32)]
+SEG_SHAPE, DRY_SEG_SHAPE = (16, 150, 128, 128), (2, 21, 32, 32)
+DENSE_SHAPE, DRY_DENSE_SHAPE = (8, 80, 128, 128), (2, 8, 32, 32)
+
+
+def seg_shapes(dry: bool) -> list:
+    """Segmentation cross-entropy: fp32 and bf16, NCHW and channels_last."""
+    shape = DRY_SEG_SHAPE if dry else SEG_SHAPE
+    return [(shape, dtype, layout) for dtype in (torch.float32, torch.bfloat16) for layout in ("", "channels_last")]
+
+
+def dense_shapes(dry: bool) -> list:
+    """Dense detection sigmoid focal loss: channels_last (the usual layout there) and NCHW."""
+    shape = DRY_DENSE_SHAPE if dry else DENSE_SHAPE
+    return [(shape, torch.float32, "channels_last"), (shape, torch.float32)]
 
 
 def llm_checks() -> list:
@@ -52,10 +69,14 @@ def sections(dry: bool) -> dict:
         "llm": harness.LossBench(
             name="cross_entropy_llm", setup=bench_cross_entropy.setup, shapes=lambda device_type, quick: llm,
             targets={case: llm_checks() for case in llm}, title="logits a leaf, ignore_index=-100 on every 16th row"),
-        "seg": bench_cross_entropy.SEGMENTATION,
+        "seg": dataclasses.replace(bench_cross_entropy.SEGMENTATION, shapes=lambda device_type, quick: seg_shapes(dry),
+                                   title="(N, C, H, W) maps, ignore_index=255; NCHW runs the K-dim kernels"),
         # the CPU's memory targets, reported at the GPU shapes
         "linear": dataclasses.replace(bench_linear_ce.BENCH,
                                       targets={c: bench_linear_ce.memory_checks() for c in linear}),
+        "dense": dataclasses.replace(bench_vision.FOCAL, name="sigmoid_focal_dense", targets={},
+                                     shapes=lambda device_type, quick: dense_shapes(dry),
+                                     title="dense detection maps (gamma=2, alpha=0.25, mean), logits and targets alike"),
     }
 
 
@@ -188,7 +209,7 @@ def main():
     p.add_argument("stage", choices=["copy", "bench", "summary"])
     p.add_argument("--out", type=Path, default=harness.RESULTS / "gpu",
                    help="output folder (default bench/results/gpu)")
-    p.add_argument("--sections", default="llm,seg,linear", help="bench: comma-separated, of llm, seg, linear")
+    p.add_argument("--sections", default="llm,seg,linear,dense", help="bench: comma-separated, of llm, seg, linear, dense")
     p.add_argument("--budget-s", type=float, default=None,
                    help="bench: start no case after this many seconds (default: 0.6 x $STAGE_TIMEOUT_S, which "
                         "gpu_check.sh sets to the stage's timeout; else no limit)")

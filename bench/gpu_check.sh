@@ -12,11 +12,13 @@
 #   backends  fusedloss.backends("cuda")         tests     tests/test_gpu.py, both GPU backends
 #   copy      device-to-device copy: the bandwidth reference (bench/gpu_bench.py copy)
 #   llm       cross-entropy at LLM shapes vs eager, torch.compile, Liger (gpu_bench.py bench)
-#   seglin    segmentation maps and the non-leaf h @ W.T flow       (gpu_bench.py bench)
+#   seglin    segmentation maps (CE 16x150x128x128 fp32/bf16, NCHW and channels_last) and the
+#             non-leaf h @ W.T flow                                  (gpu_bench.py bench)
+#   dense     sigmoid focal on 8x80x128x128 detection maps            (gpu_bench.py bench)
 #   profile   per-kernel profile of one fwd+bwd step, triton and cuda (bench/profile_step.py)
 #   summary   tables, the issue's targets, gpu-summary.json/.png       (gpu_bench.py summary)
 # A stage's timeout is its cap, cut so that the later stages keep their minimum; the whole
-# run stays within GPU_CHECK_BUDGET_S (default 460 s). Everything lands in OUT_DIR:
+# run stays within GPU_CHECK_BUDGET_S (default 490 s). Everything lands in OUT_DIR:
 # gpu_check.log (all output), stage-<name>.log, test_gpu.xml, gpu-*.json, profile-*.{txt,json},
 # gpu-summary.json and gpu-summary.png (if matplotlib is installed; else draw it later with
 # `python bench/plot.py OUT_DIR/gpu-summary.json`).
@@ -31,7 +33,7 @@ OUT_DIR="${1:-${OUT:-$REPO/bench/results/gpu}}"
 mkdir -p "$OUT_DIR" || exit 2
 OUT_DIR="$(cd "$OUT_DIR" && pwd)" || exit 2  # absolute, before leaving the caller's directory
 cd "$REPO" || exit 2
-BUDGET="${GPU_CHECK_BUDGET_S:-460}"
+BUDGET="${GPU_CHECK_BUDGET_S:-490}"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # the GPU runs the compiled kernels, never the interpreter
@@ -126,17 +128,18 @@ export -f env_info install_wheels build
 main() {
   echo "gpu_check: out $OUT_DIR, budget ${BUDGET}s, python $PY$([ "$DRY" = 1 ] && echo ', DRY RUN on the CPU')"
   # name cap reserve; reserve = the sum of the later stages' minimums:
-  #   backends 10, tests 60, copy 15, llm 90, seglin 45, profile 30, summary 15
-  run_stage env 30 265 env_info
-  run_stage wheels 30 265 install_wheels
+  #   backends 10, tests 60, copy 15, llm 90, seglin 45, dense 30, profile 30, summary 15
+  run_stage env 30 295 env_info
+  run_stage wheels 30 295 install_wheels
   [ -d .whl/site ] && export PYTHONPATH="$REPO/.whl/site${PYTHONPATH:+:$PYTHONPATH}"
-  run_stage build 200 265 build
-  run_stage backends 30 255 "$PY" -c "import fusedloss; print('fusedloss.backends(cuda):', fusedloss.backends('cuda'))"
-  run_stage tests 120 195 env FUSEDLOSS_TEST_GPU=1 "$PY" -m pytest -p no:xdist -p no:cacheprovider -q -rfE \
+  run_stage build 200 295 build
+  run_stage backends 30 285 "$PY" -c "import fusedloss; print('fusedloss.backends(cuda):', fusedloss.backends('cuda'))"
+  run_stage tests 120 225 env FUSEDLOSS_TEST_GPU=1 "$PY" -m pytest -p no:xdist -p no:cacheprovider -q -rfE \
     --junitxml="$OUT_DIR/test_gpu.xml" tests/test_gpu.py
-  run_stage copy 30 180 "$PY" bench/gpu_bench.py copy --out "$OUT_DIR" "${DRYFLAG[@]}"
-  run_stage llm 150 90 "$PY" bench/gpu_bench.py bench --sections llm --out "$OUT_DIR" "${DRYFLAG[@]}"
-  run_stage seglin 100 45 "$PY" bench/gpu_bench.py bench --sections seg,linear --out "$OUT_DIR" "${DRYFLAG[@]}"
+  run_stage copy 30 210 "$PY" bench/gpu_bench.py copy --out "$OUT_DIR" "${DRYFLAG[@]}"
+  run_stage llm 150 120 "$PY" bench/gpu_bench.py bench --sections llm --out "$OUT_DIR" "${DRYFLAG[@]}"
+  run_stage seglin 130 75 "$PY" bench/gpu_bench.py bench --sections seg,linear --out "$OUT_DIR" "${DRYFLAG[@]}"
+  run_stage dense 60 45 "$PY" bench/gpu_bench.py bench --sections dense --out "$OUT_DIR" "${DRYFLAG[@]}"
   run_stage profile 60 15 "$PY" bench/profile_step.py --backend triton,cuda --out "$OUT_DIR" "${DRYFLAG[@]}"
   run_stage summary 30 0 "$PY" bench/gpu_bench.py summary --out "$OUT_DIR" "${DRYFLAG[@]}"
   echo

@@ -230,3 +230,52 @@ def test_softcap_zloss_and_confident_focal_float32(backend):
     ref.backward()
     _assert_close(loss, ref, 1e-4, 1e-6, "confident focal loss")
     _assert_close(y.grad, y64.grad, 0, 1e-6, "confident focal grad")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("C", [150, 300])
+def test_segmentation_maps(backend, dtype, layout, C):
+    """Segmentation cross-entropy (4 x C x 128 x 128, ignore_index=255, label smoothing and a
+    class weight): NCHW runs the K-dim kernels (positions across lanes / threads; C = 300 with
+    65536 rows takes CUDA's thread per position too), channels_last the row kernels."""
+    _backend_or_fail(backend)
+    g = torch.Generator(device="cuda").manual_seed(C)
+    x = (torch.randn(4, C, 128, 128, device="cuda", generator=g) * 3).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    t = torch.randint(0, C, (4, 128, 128), device="cuda", generator=g)
+    t[torch.rand(4, 128, 128, device="cuda", generator=g) < 0.2] = 255
+    w = torch.rand(C, device="cuda", generator=g) + 0.5
+    loss = fusedloss.cross_entropy(x, t, w, ignore_index=255, label_smoothing=0.1, backend=backend)
+    loss.backward()
+    ref_loss, ref_grad = _ce_ref(x, t, weight=w.double(), ignore_index=255, label_smoothing=0.1)
+    rtol, atol, gtol = TOL[dtype]
+    _assert_close(loss, ref_loss, rtol, atol, f"{backend} {layout} loss")
+    _assert_close(x.grad, ref_grad, 0.0, gtol, f"{backend} {layout} grad")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_kdim_focal_and_soft_targets(backend):
+    """Softmax focal and probability targets on NCHW maps (the K-dim forward kernels)."""
+    _backend_or_fail(backend)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(2, 19, 64, 96, device="cuda", generator=g) * 3).requires_grad_()
+    t = torch.randint(0, 19, (2, 64, 96), device="cuda", generator=g)
+    loss = fusedloss.focal_loss(x, t, gamma=2.0, backend=backend)
+    loss.backward()
+    x64 = x.detach().double().requires_grad_()
+    logp_t = torch.log_softmax(x64, 1).gather(1, t.unsqueeze(1)).squeeze(1)
+    ref = (-(1 - logp_t.exp()) ** 2 * logp_t).mean()
+    ref.backward()
+    _assert_close(loss, ref.detach(), *TOL[torch.float32][:2], f"{backend} focal loss")
+    _assert_close(x.grad, x64.grad, 0.0, TOL[torch.float32][2], f"{backend} focal grad")
+    y = torch.softmax(torch.randn(2, 19, 64, 96, device="cuda", generator=g), 1)
+    x.grad = None
+    loss = fusedloss.cross_entropy(x, y, label_smoothing=0.1, backend=backend)
+    loss.backward()
+    ref_loss, ref_grad = _ce_ref(x, y.double(), label_smoothing=0.1)
+    _assert_close(loss, ref_loss, *TOL[torch.float32][:2], f"{backend} soft-target loss")
+    _assert_close(x.grad, ref_grad, 0.0, TOL[torch.float32][2], f"{backend} soft-target grad")
