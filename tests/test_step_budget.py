@@ -26,7 +26,8 @@ aten ops the step dispatches, the custom ops and what they run inside. Asserted 
 * nothing held: after backward, with `loss` still referenced, no N x C tensor other than
   the input and its .grad is reachable from loss.grad_fn.
 
-Shapes are small (N=6, C=40, and (2, 5, 3, 4) for cross-entropy's K-dim path), float32.
+Shapes are small (N=6, C=40, and (2, 5, 3, 4) for the K-dim kernels of cross-entropy and
+focal), float32.
 The counters themselves are checked first (test_counter_*): a hand-written Triton kernel
 of known traffic, and aten ops of known cost.
 """
@@ -178,7 +179,9 @@ def _cases():
                 for grad in ("1", "0.37", "65536"):
                     out.append(Case(fn, reduction, grad, inplace=inplace))
             out.append(Case(fn, "none", "rows", inplace=inplace))
-    out += [Case("cross_entropy", "mean", "1", KDIM), Case("cross_entropy", "none", "rows", KDIM)]
+    # K-dim (NCHW): the K-dim kernels, a program per block of positions
+    out += [Case("cross_entropy", "mean", "1", KDIM), Case("cross_entropy", "none", "rows", KDIM),
+            Case("focal_loss", "sum", "0.37", KDIM)]
     return out
 
 
