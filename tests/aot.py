@@ -173,17 +173,21 @@ def _kdim_kernel_configs():
         for _, block_c, block_d, num_warps, groups in _launch.KDIM_TIERS[dtype]:
             blocks = {"BLOCK_C": _const(block_c), "BLOCK_D": _const(block_d)}
             fwd_blocks = {**blocks, "GROUPS": _const(groups)}
-            prob_blocks = {**fwd_blocks, "BLOCK_C": _const(groups)}  # _launch.kdim_config(prob_fwd=True)
+            heavy_blocks = {**fwd_blocks, "BLOCK_C": _const(groups)}  # _launch.kdim_config(heavy=True)
             for f in _flags("weight", "mask", "smoothing", "zloss", "softcap"):
-                tag = f"{dt},kdim,BLOCK={block_c}x{block_d}," + ",".join(f"{k}={int(v)}" for k, v in f.items())
+                flags = ",".join(f"{k}={int(v)}" for k, v in f.items())
+                tag, heavy_tag = (f"{dt},kdim,BLOCK={bc}x{block_d},{flags}" for bc in (block_c, groups))
                 mask = {"mask_ptr": _ptr("i1", f["mask"]), **({"stride_md": _const(1)} if f["mask"] else {})}
                 rows_out = {"loss_ptr": f"*{acc}", "count_ptr": f"*{acc}", "stats_ptr": f"*{acc}"}
+                heavy = f["smoothing"] or f["softcap"]  # the launcher's `heavy` (probability targets: always)
                 opts = {"weight_ptr": _ptr(acc, f["weight"]), **mask, "HAS_SMOOTHING": _const(f["smoothing"]),
-                        "HAS_ZLOSS": _const(f["zloss"]), "HAS_SOFTCAP": _const(f["softcap"]), **fwd_blocks}  # fmt: skip
+                        "HAS_ZLOSS": _const(f["zloss"]), "HAS_SOFTCAP": _const(f["softcap"]),
+                        **(heavy_blocks if heavy else fwd_blocks)}  # fmt: skip
                 target = {"target_ptr": "*i64", "stride_td": _const(1)}
-                out.append(_config(_ce_fwd_kdim_kernel, {**base, **opts, **rows_out, **target}, num_warps, tag, odd))
-                out.append(_config(_ce_prob_fwd_kdim_kernel, {**base, **opts, **prob_blocks, **rows_out, "y_ptr": f"*{dt}",
-                                                              "stride_yd": _const(1)}, num_warps, tag, odd))  # fmt: skip
+                out.append(_config(_ce_fwd_kdim_kernel, {**base, **opts, **rows_out, **target}, num_warps,
+                                   heavy_tag if heavy else tag, odd))  # fmt: skip
+                out.append(_config(_ce_prob_fwd_kdim_kernel, {**base, **opts, **heavy_blocks, **rows_out, "y_ptr": f"*{dt}",
+                                                              "stride_yd": _const(1)}, num_warps, heavy_tag, odd))  # fmt: skip
                 if f["smoothing"] or f["zloss"]:
                     continue
                 if not f["softcap"]:
@@ -195,10 +199,12 @@ def _kdim_kernel_configs():
                            "REDUCTION": _const(reduction), "HAS_SOFTCAP": opts["HAS_SOFTCAP"], **blocks}  # fmt: skip
                     if reduction == 0:
                         bwd["stride_god"] = _const(1)
-                    btag = f"{tag},reduction={reduction}"
-                    out.append(_config(_softmax_bwd_kdim_kernel, {**bwd, **target}, num_warps, btag, odd))
-                    out.append(_config(_softmax_prob_bwd_kdim_kernel, {**bwd, "y_ptr": f"*{dt}", "stride_yd": _const(1)},
-                                       num_warps, btag, odd))  # fmt: skip
+                    btag, heavy_btag = f"{tag},reduction={reduction}", f"{heavy_tag},reduction={reduction}"
+                    heavy_bwd = {"BLOCK_C": _const(groups)}  # softcap, probability targets: kdim_config(heavy=True)
+                    out.append(_config(_softmax_bwd_kdim_kernel, {**bwd, **target, **(heavy_bwd if f["softcap"] else {})},
+                                       num_warps, heavy_btag if f["softcap"] else btag, odd))  # fmt: skip
+                    out.append(_config(_softmax_prob_bwd_kdim_kernel, {**bwd, **heavy_bwd, "y_ptr": f"*{dt}",
+                                                                      "stride_yd": _const(1)}, num_warps, heavy_btag, odd))  # fmt: skip
     return out
 
 
@@ -357,7 +363,8 @@ def format_table(reports) -> str:
 # The configs most likely to spill: each kernel x dtype at its largest tile with every
 # option and optional operand on (the most live registers), the dense (K-dim) layout in
 # float32 too, the K-dim kernels at their wide-map tile (D > 32; the short-map tile holds
-# as many elements per thread), the elementwise kernels at their widest and narrowest
+# as many elements per thread) with every option and, in bf16 / fp32, with the most the
+# ordinary (not heavy) tile carries, the elementwise kernels at their widest and narrowest
 # tiles, and the small kernels.
 def spill_prone_configs():
     picked = []
@@ -368,10 +375,15 @@ def spill_prone_configs():
         elif name in ("_scale_grad_kernel", "_reduce_kernel"):
             keep = True
         elif c.kernel in KDIM_KERNELS:
+            # every option on (the heavy tile: one class per group and step), and in bf16 /
+            # fp32 also the most an ordinary tile carries (z-loss, weight, mask; no softcap)
             dtype = next(d for d, dt in DTYPES.items() if c.tag.startswith(dt))
             all_on = all(c.constexprs.get(k, True) for k in ("HAS_SMOOTHING", "HAS_ZLOSS", "HAS_SOFTCAP"))
-            all_on = all_on and "weight=1,mask=1" in c.tag and c.constexprs.get("REDUCTION", 0) == 0
-            keep = all_on and c.constexprs["BLOCK_D"] == _launch.KDIM_TIERS[dtype][-1][2]
+            light_max = (dtype in (torch.bfloat16, torch.float32) and c.kernel is not _ce_prob_fwd_kdim_kernel
+                         and not c.constexprs.get("HAS_SMOOTHING") and not c.constexprs.get("HAS_SOFTCAP")
+                         and c.constexprs.get("HAS_ZLOSS", True))  # fmt: skip
+            keep = (all_on or light_max) and "weight=1,mask=1" in c.tag and c.constexprs.get("REDUCTION", 0) == 0
+            keep = keep and c.constexprs["BLOCK_D"] == _launch.KDIM_TIERS[dtype][-1][2]
         else:
             dtype = next(d for d, dt in DTYPES.items() if c.tag.startswith(dt))
             largest = max(block for _, block, _ in _launch.ROW_TIERS[dtype])

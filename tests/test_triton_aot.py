@@ -113,7 +113,7 @@ def test_launchers_pick_enumerated_configs():
         for num_positions in (2, 32, 33, 4096):
             block_c, block_d, warps, groups = _launch.kdim_config(num_positions, dtype)
             assert (block_c, block_d, warps) in enumerated_kdim
-            assert (groups, block_d, warps) in enumerated_kdim  # the probability-target forward's
+            assert (groups, block_d, warps) in enumerated_kdim  # a heavy forward's (heavy_fwd)
             assert block_c % groups == 0
     assert aot.spill_prone_configs(), "no spill-prone configs selected"
     assert len(aot.plain_ce_configs()) == 2

@@ -77,15 +77,17 @@ def use_kdim(logits: torch.Tensor) -> bool:
     return d > 1 and logits.stride(2) == 1 and logits.stride(1) != 1
 
 
-def kdim_config(num_positions: int, dtype: torch.dtype, prob_fwd: bool = False):
+def kdim_config(num_positions: int, dtype: torch.dtype, heavy: bool = False):
     """(BLOCK_C, BLOCK_D, num_warps, GROUPS) for a K-dim kernel over D = `num_positions`.
-    The probability-target forward, which carries seven sums per position and group, takes
-    one class per group and step (BLOCK_C = GROUPS): with two, its all-options form spilled
-    (60 B at sm_90 in bf16)."""
+    A kernel with more per-element work or per-position sums (probability targets; label
+    smoothing or softcap in the forward, softcap in the backward: `heavy`) takes GROUPS
+    classes per step, one per group (one element per 16-byte vector lane): with the tier's
+    BLOCK_C the all-options kernels used 168-255 registers and the probability-target forward
+    spilled (60 B at sm_90 in bf16); this way 56-160."""
     tiers = _override_kdim or KDIM_TIERS[dtype]
     for limit, block_c, block_d, warps, groups in tiers:
         if limit is None or num_positions <= limit:
-            return (groups if prob_fwd else block_c), block_d, warps, groups
+            return (groups if heavy else block_c), block_d, warps, groups
     raise AssertionError("the last tier must have limit None")
 
 

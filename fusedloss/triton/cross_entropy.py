@@ -480,7 +480,8 @@ def ce_fwd(logits, target, weight, mask, ignore_index, label_smoothing, z_loss, 
         prob = target.dtype.is_floating_point
         flags = dict(HAS_SMOOTHING=label_smoothing > 0, HAS_ZLOSS=z_loss != 0, HAS_SOFTCAP=softcap > 0)
         if use_kdim(logits):
-            block_c, block_d, num_warps, groups = kdim_config(d, logits.dtype, prob_fwd=prob)
+            heavy = prob or label_smoothing > 0 or softcap > 0
+            block_c, block_d, num_warps, groups = kdim_config(d, logits.dtype, heavy=heavy)
             kernel = _ce_prob_fwd_kdim_kernel if prob else _ce_fwd_kdim_kernel
             grid = (n * triton.cdiv(d, block_d),)
             flags.update(BLOCK_C=block_c, BLOCK_D=block_d, GROUPS=groups, num_warps=num_warps)

@@ -356,7 +356,7 @@ def softmax_bwd(grad_out, logits, target, weight, mask, stats, denom, softcap, r
     )  # fmt: skip
     prob = target.dtype.is_floating_point
     if use_kdim(logits):
-        block_c, block_d, num_warps, _ = kdim_config(d, logits.dtype)
+        block_c, block_d, num_warps, _ = kdim_config(d, logits.dtype, heavy=prob or softcap > 0)
         kernel = _softmax_prob_bwd_kdim_kernel if prob else _softmax_bwd_kdim_kernel
         grid, blocks = (n * triton.cdiv(d, block_d),), dict(BLOCK_D=block_d)
     else:
