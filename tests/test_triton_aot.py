@@ -65,16 +65,23 @@ def test_launch_configs_compile_without_spills(arch):
     assert not spilled, f"sm_{arch}: spills beyond {SPILL_ALLOWANCE[arch]} B: {spilled}\n{done.stdout}"
 
 
-def test_plain_cross_entropy_step_registers():
-    """The plain bf16 step's forward and backward kernels at sm_90: at most 40 registers,
-    no spills (issue: specialized kernels)."""
-    done = _compile(90, "--plain")
+def _compile_step(flag, budget, *more):
+    """aot.py's forward and backward of a plain step at sm_90: each within `budget`
+    registers, no spills. Returns the compile's output."""
+    done = _compile(90, flag, *more)
     assert done.returncode == 0, f"compile failed or spills:\n{done.stdout}\n{done.stderr[-3000:]}"
     rows = _report_rows(done.stdout)
     assert len(rows) == 2, done.stdout  # forward and backward
     for name, regs, spill in rows:
-        assert regs <= PLAIN_REGISTER_BUDGET, f"{name}: {regs} registers > {PLAIN_REGISTER_BUDGET}\n{done.stdout}"
+        assert regs <= budget, f"{name}: {regs} registers > {budget}\n{done.stdout}"
         assert spill == 0, f"{name}: {spill} B spilled\n{done.stdout}"
+    return done
+
+
+def test_plain_cross_entropy_step_registers():
+    """The plain bf16 step's forward and backward kernels at sm_90: at most 40 registers,
+    no spills (issue: specialized kernels)."""
+    _compile_step("--plain", PLAIN_REGISTER_BUDGET)
 
 
 def test_plain_kdim_step_registers_and_layout():
@@ -82,13 +89,7 @@ def test_plain_kdim_step_registers_and_layout():
     register budget, no spills, and the forward's (classes, groups, positions) tile laid out
     with every class of a group in one thread (threadsPerWarp and warpsPerCTA 1 on axis 0):
     the reduction over a step's classes never leaves the thread (_launch.py, K-dim kernels)."""
-    done = _compile(90, "--plain-kdim", "--layouts")
-    assert done.returncode == 0, f"compile failed or spills:\n{done.stdout}\n{done.stderr[-3000:]}"
-    rows = _report_rows(done.stdout)
-    assert len(rows) == 2, done.stdout  # forward and backward
-    for name, regs, spill in rows:
-        assert regs <= PLAIN_KDIM_REGISTER_BUDGET, f"{name}: {regs} registers > {PLAIN_KDIM_REGISTER_BUDGET}\n{done.stdout}"
-        assert spill == 0, f"{name}: {spill} B spilled\n{done.stdout}"
+    done = _compile_step("--plain-kdim", PLAIN_KDIM_REGISTER_BUDGET, "--layouts")
     tiles = [line for line in done.stdout.splitlines() if line.startswith("layout _ce_fwd_kdim_kernel") and "order = [2, 1, 0]" in line]
     assert tiles, done.stdout
     for line in tiles:

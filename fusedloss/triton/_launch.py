@@ -13,12 +13,14 @@ K-dim kernels (cross-entropy, focal and their backward on (N, C, d1..dK) logits 
 positions are contiguous, NCHW): a program holds BLOCK_D consecutive positions of one sample
 across its lanes and walks the classes BLOCK_C at a time: every class is one contiguous load
 of BLOCK_D positions (a row kernel would read each row's classes D elements apart). 16
-elements per thread in 2- and 4-byte dtypes (8 in float64), as the row tiles; short maps
-(D <= 32) trade positions for classes. The forward splits a step's classes into GROUPS class
-groups (_rows._class_tile), chosen so that Triton's layout puts the 32 lanes and the warps on
-the positions and groups (BLOCK_D / 16-byte vector x GROUPS >= 32 x num_warps) and every
-class of a group in one thread: the reduction over a step's classes then never leaves the
-thread (tests/test_triton_aot.py checks the layout: no shared memory in the loop).
+elements per thread per step in 2- and 4-byte dtypes (8 in float64), as the row tiles, half
+that in the heavy kernels (kdim_config); short maps (D <= 32) trade positions for classes.
+The forward splits a step's classes into GROUPS class groups (_rows._class_tile), chosen so
+that Triton's layout puts the 32 lanes and the warps on the positions and groups (BLOCK_D /
+16-byte vector x GROUPS >= 32 x num_warps) and every class of a group in one thread: the
+reduction over a step's classes then never leaves the thread (tests/test_triton_aot.py
+checks the compiled layout of the plain bf16 forward). Set from registers and layouts
+(tests/aot.py); not yet timed on a GPU (bench/gpu_check.sh measures them).
 
 Elementwise kernel (BCE / sigmoid focal): a fixed number of elements per tile, a fixed
 number of tiles per program (so a program's partial sums have a fixed, shape-determined

@@ -15,8 +15,8 @@ The helpers here are the pieces every row kernel needs, written once:
   * `_row_lse`       -- log-sum-exp of the merged pair, NaN when the row held a NaN
   * `_fold_lse_rounding` -- the float32 lse's rounding, folded into coef_p
   * `_store_stats`   -- the four per-row numbers backward reads (csrc/ops.cpp)
-  * `_position_block`, `_store_stats_block` -- the same for the K-dim kernels, whose program
-                        holds a block of positions (rows) instead of one row
+  * `_position_block`, `_position_targets`, `_store_stats_block` -- the same for the K-dim
+                        kernels, whose program holds a block of positions (rows), not one row
   * `_class_tile`    -- the class indices of a K-dim forward step, in class groups
   * `_merge_groups`, `_merge_relative` -- a K-dim forward's class groups merged per position
   * `_pow`           -- q ** gamma with the focal conventions (q^0 = 1)
@@ -188,6 +188,20 @@ def _position_block(pid, D, BLOCK_D: tl.constexpr):
     n = pid // blocks
     d = (pid - n * blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
     return n, d, d < D
+
+
+@triton.jit
+def _position_targets(D, C, target_ptr, stride_tn, stride_td, ignore_index, BLOCK_D: tl.constexpr):
+    """A K-dim forward program's positions and their class-index targets: (n64, d64, ok,
+    rows, t, live, out_of_range), int64 n, d and rows = n * D + d; live = in range of D and
+    neither ignored nor out of range (only live rows read logits); t = 0 where not live."""
+    n, d, ok = _position_block(tl.program_id(0), D, BLOCK_D)
+    n64, d64 = n.to(tl.int64), d.to(tl.int64)
+    t = tl.load(target_ptr + n64 * stride_tn + d64 * stride_td, mask=ok, other=0)
+    ignored, out_of_range = _row_kind(t, ignore_index, C)
+    out_of_range = out_of_range & ok
+    live = ok & ((ignored | out_of_range) == 0)
+    return n64, d64, ok, n64 * D + d64, tl.where(live, t, 0), live, out_of_range
 
 
 @triton.jit

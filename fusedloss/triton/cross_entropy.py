@@ -25,7 +25,8 @@ from fusedloss._ops import acc_dtype
 from fusedloss.triton._launch import kdim_config, row_config, use_kdim
 from fusedloss.triton._rows import (
     _class_tile, _fold_lse_rounding, _logit_tile, _merge_groups, _merge_relative, _online_merge, _position_block,
-    _reduce_rows, _relative_sum, _row_base, _row_kind, _row_lse, _scalar, _store_stats, _store_stats_block,
+    _position_targets, _reduce_rows, _relative_sum, _row_base, _row_kind, _row_lse, _scalar, _store_stats,
+    _store_stats_block,
 )
 
 
@@ -312,15 +313,10 @@ def _ce_fwd_kdim_kernel(
     GROUPS: tl.constexpr,  # class groups (_class_tile)
 ):
     ACC: tl.constexpr = count_ptr.dtype.element_ty
-    n, d, ok = _position_block(tl.program_id(0), D, BLOCK_D)  # (BLOCK_D,) positions
-    n64, d64 = n.to(tl.int64), d.to(tl.int64)
-    rows = n64 * D + d64
-
-    t = tl.load(target_ptr + n64 * stride_tn + d64 * stride_td, mask=ok, other=0)
-    ignored, out_of_range = _row_kind(t, ignore_index, C)
-    out_of_range = out_of_range & ok
-    live = ok & ((ignored | out_of_range) == 0)  # other rows never read their logits
-    t = tl.where(live, t, 0)
+    # (BLOCK_D,) positions; rows that are not live never read their logits
+    n64, d64, ok, rows, t, live, out_of_range = _position_targets(
+        D, C, target_ptr, stride_tn, stride_td, ignore_index, BLOCK_D
+    )
     x_pos = x_ptr + n64 * stride_xn + d64 * stride_xd
     m_pos = None
     m_tile = None

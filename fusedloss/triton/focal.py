@@ -12,7 +12,7 @@ import triton.language as tl
 from fusedloss._ops import acc_dtype
 from fusedloss.triton._launch import kdim_config, row_config, use_kdim
 from fusedloss.triton._rows import (
-    _class_tile, _expm1, _fold_lse_rounding, _logit_tile, _merge_groups, _online_merge, _position_block, _pow,
+    _class_tile, _expm1, _fold_lse_rounding, _logit_tile, _merge_groups, _online_merge, _position_targets, _pow,
     _reduce_rows, _row_base, _row_kind, _row_lse, _scalar, _store_stats, _store_stats_block,
 )
 
@@ -142,15 +142,10 @@ def _focal_fwd_kdim_kernel(
     one sample across the lanes, the classes walked BLOCK_C at a time in GROUPS groups."""
     ACC: tl.constexpr = count_ptr.dtype.element_ty
     g_pow = _scalar(gamma, ACC)
-    n, d, ok = _position_block(tl.program_id(0), D, BLOCK_D)
-    n64, d64 = n.to(tl.int64), d.to(tl.int64)
-    rows = n64 * D + d64
-
-    t = tl.load(target_ptr + n64 * stride_tn + d64 * stride_td, mask=ok, other=0)
-    ignored, out_of_range = _row_kind(t, ignore_index, C)
-    out_of_range = out_of_range & ok
-    live = ok & ((ignored | out_of_range) == 0)
-    t = tl.where(live, t, 0)
+    # (BLOCK_D,) positions; rows that are not live never read their logits
+    n64, d64, ok, rows, t, live, out_of_range = _position_targets(
+        D, C, target_ptr, stride_tn, stride_td, ignore_index, BLOCK_D
+    )
     x_pos = x_ptr + n64 * stride_xn + d64 * stride_xd
     m_pos = None
     m_tile = None
