@@ -32,9 +32,11 @@ def sigmoid_focal_eager(x, y, alpha=ALPHA, gamma=GAMMA):
     return loss.mean()
 
 
-def setup(shape, dtype, device):
-    x = torch.randn(shape, device=device).to(dtype)
-    y = (torch.rand(shape, device=device) < 0.01).to(dtype)  # few positive anchors
+def setup(shape, dtype, device, layout=""):
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=fmt)
+    # few positive anchors; a target in the logits' layout, as zeros_like(logits) gives it
+    y = (torch.rand(shape, device=device) < 0.01).to(dtype).contiguous(memory_format=fmt)
     elementwise = x.numel() * x.element_size()
     return harness.Setup(
         x=x,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import fusedloss
 from bench_cross_entropy import setup as ce_setup
-from bench_sigmoid_focal import ALPHA, GAMMA, sigmoid_focal_eager
+from bench_sigmoid_focal import setup as focal_setup
 
 SEG_IGNORE = 255
 CE_SHAPE = (16, 150, 64, 64)
@@ -60,23 +60,9 @@ def det_shapes(device_type, quick):
     return [(QUICK_DET if quick else DET_SHAPE, torch.float32, "channels_last")]
 
 
-def _focal_setup(shape, dtype, device, layout=""):
-    x = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=_fmt(layout))
-    # few positive anchors; the target in the logits' layout, as zeros_like(logits) gives it
-    y = (torch.rand(shape, device=device) < 0.01).to(dtype).contiguous(memory_format=_fmt(layout))
-    elementwise = x.numel() * x.element_size()
-    return harness.Setup(
-        x=x,
-        fused=lambda x, backend: fusedloss.sigmoid_focal_loss(x, y, ALPHA, GAMMA, "mean", backend=backend),
-        eager=lambda x: sigmoid_focal_eager(x, y.to(x.dtype)),
-        bytes_fwd=2 * elementwise,
-        bytes_fwdbwd=3 * elementwise,
-    )
-
-
 FOCAL = harness.LossBench(
     name="vision_sigmoid_focal",
-    setup=_focal_setup,
+    setup=focal_setup,
     shapes=det_shapes,
     targets={(DET_SHAPE, torch.float32, "channels_last"): harness.speed_memory_targets(1.0, 2.0, 0.15)[1:]},
     title="dense detection maps, channels_last logits and targets",

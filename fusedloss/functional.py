@@ -328,24 +328,23 @@ class _BinaryFn(torch.autograd.Function):
         # the backend reads those); weight, pos_weight acc, broadcastable to input, or None;
         # cfg = (gamma, alpha, reduction, out_dtype, backend, grad_enabled, plan)
         gamma, alpha, reduction, out_dtype, backend, grad_enabled, plan = cfg
-        perm, sizes, ml = plan[0], plan[1], plan[2]
+        perm, sizes = plan[0], plan[1]
         x = _plan_view(input, plan, plan[3])
         y = _plan_view(target, plan, plan[4])
         w = _plan_operand(weight, plan, plan[5], input.shape)
         pw = _plan_operand(pos_weight, plan, plan[6], input.shape)
-        grad = g2 = None
+        g2 = None
         if reduction != 0 and grad_enabled and ctx.needs_input_grad[0]:
-            grad = _plan_empty_grad(x, perm, sizes, ml)
-            g2 = _plan_of(grad, perm, ml)
+            g2 = _plan_empty_grad(x)
         out = _backend.IMPLS[backend].binary_fwd(x, y, w, pw, g2, gamma, alpha, reduction, out_dtype)
-        ctx.save_for_backward(x, y, w, pw, grad)
+        ctx.save_for_backward(x, y, w, pw, g2)
         ctx.gamma, ctx.alpha, ctx.reduction, ctx.backend, ctx.used = gamma, alpha, reduction, backend, False
         ctx.perm, ctx.sizes = perm, sizes
         return _plan_back(out, perm, sizes) if reduction == 0 else out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, target, weight, pos_weight, grad = ctx.saved_tensors
+        x, target, weight, pos_weight, grad = ctx.saved_tensors  # grad: (M, L), the forward's
         perm, sizes, ml = ctx.perm, ctx.sizes, x.shape
         # "none": grad_out of the loss's shape, a view when it has the loss's layout
         go = _plan_of(grad_out, perm, ml) if ctx.reduction == 0 else grad_out
@@ -361,13 +360,12 @@ class _BinaryFn(torch.autograd.Function):
             # it (AccumulateGrad adds into .grad), which must not trip autograd's check of
             # the saved copy in a second backward -- that one recomputes and never reads it.
             grad = grad if torch.compiler.is_compiling() else grad.data
-            impl.scale_grad(grad_out, _plan_of(grad, perm, ml))  # (M, L): contiguous
+            impl.scale_grad(grad_out, grad)
         else:  # "none", or the forward's gradient was handed out by a first backward
-            grad = _plan_empty_grad(x, perm, sizes, ml)
-            impl.binary_bwd(go, x, target, weight, pos_weight, ctx.gamma, ctx.alpha, ctx.reduction,
-                            _plan_of(grad, perm, ml))
+            grad = _plan_empty_grad(x)
+            impl.binary_bwd(go, x, target, weight, pos_weight, ctx.gamma, ctx.alpha, ctx.reduction, grad)
         ctx.used = True
-        return _input_grad(grad), g_target, None, None, None
+        return _input_grad(_plan_back(grad, perm, sizes)), g_target, None, None, None
 
 
 def out_dtype_of(input, target=None):
@@ -546,6 +544,9 @@ def _binary_plan(input, target, weight, pos_weight):
     pos_weight None, "view", "rows" (its M row values) or "copy")."""
     shape = list(input.shape)
     nd = len(shape)
+    if weight is None and pos_weight is None and input.is_contiguous() and target.is_contiguous():
+        # the usual call: one run, no permutation (plain host code: small steps are host-bound)
+        return (list(range(nd)), shape, (1, input.numel()), False, False, None, None, list(range(nd)))
     perm = _ops.dense_order(input)
     if perm is None:
         perm = list(range(nd))
@@ -553,10 +554,13 @@ def _binary_plan(input, target, weight, pos_weight):
     for p in perm:
         sizes.append(shape[p])
 
-    def strides_of(t):  # t's strides in perm order, broadcast dims 0
+    def strides_of(t):  # t's strides broadcast to the input's shape (0 where broadcast), in perm order
         if t is None:
             return None
-        st = t.expand(shape).stride()
+        st = [0] * nd
+        for j in range(t.dim()):
+            i = nd - t.dim() + j
+            st[i] = 0 if t.shape[j] == 1 else t.stride(j)
         out = []
         for p in perm:
             out.append(st[p])
@@ -601,10 +605,18 @@ def _binary_plan(input, target, weight, pos_weight):
     return (perm, sizes, (M, L), copies[0], copies[1], modes[0], modes[1], inner)
 
 
+def _identity(perm):
+    for i in range(len(perm)):
+        if perm[i] != i:
+            return False
+    return True
+
+
 def _plan_view(t, plan, copy):
     """input / target (the input's shape) as (M, L); a contiguous copy in the plan's order
     where `copy`."""
-    t = t.permute(plan[0])
+    if not _identity(plan[0]):
+        t = t.permute(plan[0])
     if copy:
         t = t.contiguous()
     return t.reshape(plan[2])
@@ -627,21 +639,27 @@ def _plan_operand(t, plan, mode, shape):
 
 def _plan_of(t, perm, ml):
     """A tensor of the input's shape, in the gradient's layout, as the (M, L) view."""
-    return t.permute(perm).reshape(ml)
+    if not _identity(perm):
+        t = t.permute(perm)
+    return t.reshape(ml)
 
 
 def _plan_back(t2, perm, sizes):
     """(M, L) contiguous -> a view of the input's shape, in the gradient's layout."""
+    t = t2.view(sizes)
+    if _identity(perm):
+        return t
     inv = [0] * len(perm)
     for i in range(len(perm)):
         inv[perm[i]] = i
-    return t2.view(sizes).permute(inv)
+    return t.permute(inv)
 
 
-def _plan_empty_grad(x2, perm, sizes, ml):
-    """An uninitialized gradient of the input's shape, dense in the plan's order (the input's
-    layout when it is dense: AccumulateGrad keeps it as .grad without a copy)."""
-    return _plan_back(_ops.empty_grad(x2.new_empty(()).expand(ml)), perm, sizes)
+def _plan_empty_grad(x2):
+    """An uninitialized (M, L) gradient, contiguous: x2, the input's (M, L) view in the plan's
+    order, is contiguous when the input is dense (else empty_grad makes it so), so
+    _plan_back of it has the input's layout, which AccumulateGrad keeps as .grad."""
+    return _ops.empty_grad(x2)
 
 
 def _binary(input, target, weight, pos_weight, reduction, gamma, alpha, backend, pos_weight_name="pos_weight"):
