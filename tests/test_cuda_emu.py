@@ -182,12 +182,13 @@ def test_kdim_focal(emu):
         ("channels_last", (2, 40, 35), "classes_contiguous", WARP_PER_ROW),
         ("long rows, few", (2, 300, 35), "nchw", WARP_PER_ROW),
         ("long rows, many", (1, 257, 65536), "nchw", THREAD_PER_POSITION),
+        ("3 positions", (40, 40, 3), "nchw", WARP_PER_ROW),
     ],
 )
 def test_layout_choice(emu, name, shape, layout, expected):
     """A thread per position for NCHW when the rows are short (above) or many enough to fill
     the GPU (65536: a 256 x 256 map); a warp per row for contiguous classes (channels_last
-    viewed as (N, C, H*W)) and for a few long rows."""
+    viewed as (N, C, H*W)), for a few long rows, and for fewer than 4 positions."""
     x = make_logits(shape)
     if layout == "classes_contiguous":
         x = x.transpose(1, 2).contiguous().transpose(1, 2)  # strides (D * C, 1, C)

@@ -154,17 +154,19 @@ def test_segmentation_map(launched, dtype):
 
 
 @pytest.mark.parametrize(
-    "layout, expected",
+    "layout, shape, expected",
     [
-        ("nchw", ["_ce_fwd_kdim_kernel", "_softmax_bwd_kdim_kernel"]),
-        ("channels_last", ["_ce_fwd_kernel", "_softmax_bwd_kernel"]),
-        ("2d", ["_ce_fwd_kernel", "_softmax_bwd_kernel"]),
+        ("nchw", (2, 5, 3, 4), ["_ce_fwd_kdim_kernel", "_softmax_bwd_kdim_kernel"]),
+        ("nchw", (4, 5, 3), ["_ce_fwd_kernel", "_softmax_bwd_kernel"]),
+        ("channels_last", (2, 5, 3, 4), ["_ce_fwd_kernel", "_softmax_bwd_kernel"]),
+        ("2d", (6, 5), ["_ce_fwd_kernel", "_softmax_bwd_kernel"]),
     ],
+    ids=["nchw", "nchw-3-positions", "channels_last", "2d"],
 )
-def test_dispatch_follows_the_class_stride(launched, layout, expected):
-    """Positions the unit stride (NCHW): the K-dim kernels; classes the unit stride
-    (channels_last, (N, C) rows): the row kernels, which read a row's classes in one run."""
-    shape = (6, 5) if layout == "2d" else (2, 5, 3, 4)
+def test_dispatch_follows_the_class_stride(launched, layout, shape, expected):
+    """Positions the unit stride (NCHW, D >= 4): the K-dim kernels; classes the unit stride
+    (channels_last, (N, C) rows) or fewer positions (a row's classes 2-3 elements apart share
+    their sectors anyway): the row kernels."""
     x = make_logits(shape)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)

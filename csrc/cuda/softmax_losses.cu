@@ -380,15 +380,17 @@ struct Layout {
 // (H100) is 270k; a quarter of that keeps 4 resident blocks per SM busy.
 constexpr int64_t kThreadRowsMin = 65536;
 
-// A thread per row when a K-dim input's positions are contiguous (x_d == 1, D > 1): each
+// A thread per row when a K-dim input's positions are contiguous (x_d == 1, D >= 4): each
 // class is then one coalesced load for a warp's 32 consecutive positions (with D < 32 a warp
 // spans 32 / D samples: still D-element runs instead of single elements), where a warp per
-// row would read 32 classes D elements apart. For short rows (C <= 256) always; for longer
-// ones when the rows alone fill the GPU (a segmentation map: 16 x 128 x 128 = 262k rows),
-// else a few long rows would run on a few threads. Otherwise one warp per row up to 1k
-// classes (4 rows per block), 8 warps up to 16k, 16 beyond.
+// row would read 32 classes D elements apart (with D of 2 or 3 those share their 32-byte
+// sectors already: a warp per row reads as few sectors and keeps more threads busy). For
+// short rows (C <= 256) always; for longer ones when the rows alone fill the GPU (a
+// segmentation map: 16 x 128 x 128 = 262k rows), else a few long rows would run on a few
+// threads. Otherwise one warp per row up to 1k classes (4 rows per block), 8 warps up to
+// 16k, 16 beyond. (fusedloss/triton/_launch.py use_kdim makes the same choice of layout.)
 Layout pick_layout(int64_t C, int64_t R, int64_t D, int64_t x_d) {
-  if (D > 1 && x_d == 1 && (C <= 256 || R >= kThreadRowsMin)) return {1, 128};
+  if (D >= 4 && x_d == 1 && (C <= 256 || R >= kThreadRowsMin)) return {1, 128};
   if (C <= 1024) return {32, 4};
   if (C <= 16384) return {256, 1};
   return {512, 1};

@@ -70,13 +70,19 @@ def row_config(num_classes: int, dtype: torch.dtype):
     raise AssertionError("the last tier must have limit None")
 
 
+# Fewest positions per sample for the K-dim kernels: with 2 or 3, a row's classes 2-3 elements
+# apart already share their 32-byte sectors, and a block of positions would leave most lanes
+# empty (as csrc/cuda/softmax_losses.cu's pick_layout).
+KDIM_MIN_POSITIONS = 4
+
+
 def use_kdim(logits: torch.Tensor) -> bool:
-    """The K-dim kernels serve (N, C, D) logits with D > 1 whose positions are the unit
-    stride and classes are not (NCHW); classes that are contiguous (2-D input, channels_last
-    viewed as (N, C, H*W) with strides (HWC, 1, C)) keep the row kernels, which read each
-    row's classes in one contiguous run."""
+    """The K-dim kernels serve (N, C, D) logits whose positions are the unit stride and
+    classes are not (NCHW), D >= KDIM_MIN_POSITIONS; classes that are contiguous (2-D input,
+    channels_last viewed as (N, C, H*W) with strides (HWC, 1, C)) keep the row kernels, which
+    read each row's classes in one contiguous run."""
     _, _, d = logits.shape
-    return d > 1 and logits.stride(2) == 1 and logits.stride(1) != 1
+    return d >= KDIM_MIN_POSITIONS and logits.stride(2) == 1 and logits.stride(1) != 1
 
 
 def kdim_config(num_positions: int, dtype: torch.dtype, heavy: bool = False):
