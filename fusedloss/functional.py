@@ -311,6 +311,20 @@ def _binary_target_grad(grad_out, x, y, w, pw, gamma, alpha, reduction):
     return g.to(y.dtype)
 
 
+@torch.library.custom_op("fusedloss::binary_value", mutates_args=())
+def _binary_value(input: Tensor, target: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor], gamma: float,
+                  alpha: float, reduction: int, out_dtype: torch.dtype, backend: str) -> Tensor:
+    """binary_fwd without a gradient to write, as a functional op, for torch.compile: Inductor
+    cannot lower an op whose optional mutable argument (binary_fwd's grad) is None ("getitem is
+    not an OpOverload", torch 2.13); eager calls binary_fwd directly."""
+    return _backend.IMPLS[backend].binary_fwd(input, target, weight, pos_weight, None, gamma, alpha, reduction, out_dtype)
+
+
+@_binary_value.register_fake
+def _binary_value_fake(input, target, weight, pos_weight, gamma, alpha, reduction, out_dtype, backend):
+    return _ops.binary_fwd_fake(input, target, weight, pos_weight, None, gamma, alpha, reduction, out_dtype)
+
+
 class _BinaryFn(torch.autograd.Function):
     """BCE-with-logits and sigmoid focal loss. "mean" / "sum": the forward op also writes the
     gradient for grad_output == 1 (1 read + 1 write: the whole step in the usual case), and
@@ -336,7 +350,10 @@ class _BinaryFn(torch.autograd.Function):
         g2 = None
         if reduction != 0 and grad_enabled and ctx.needs_input_grad[0]:
             g2 = _plan_empty_grad(x)
-        out = _backend.IMPLS[backend].binary_fwd(x, y, w, pw, g2, gamma, alpha, reduction, out_dtype)
+        if g2 is None and torch.compiler.is_compiling():
+            out = _binary_value(x, y, w, pw, gamma, alpha, reduction, out_dtype, backend)
+        else:
+            out = _backend.IMPLS[backend].binary_fwd(x, y, w, pw, g2, gamma, alpha, reduction, out_dtype)
         ctx.save_for_backward(x, y, w, pw, g2)
         ctx.gamma, ctx.alpha, ctx.reduction, ctx.backend, ctx.used = gamma, alpha, reduction, backend, False
         ctx.perm, ctx.sizes = perm, sizes

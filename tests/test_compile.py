@@ -163,3 +163,30 @@ def test_compile_fullgraph(compiler, backend):
     check_close(loss, eager_loss, torch.float32, "compiled loss")
     for g, e in zip(grads, eager_grads):
         check_close(g, e, torch.float32, "compiled gradient", grad=True)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("requires_grad", [True, False], ids=["grad", "no-grad"])
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_compile_binary_without_forward_gradient(reduction, requires_grad, backend):
+    """The binary losses' forward op writes no gradient for "none" or without grad (its
+    optional mutable argument is None), which Inductor cannot lower (torch 2.13): that call
+    goes through a functional op under torch.compile. Values and gradients equal eager."""
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    y = torch.rand(3, 4, 5, dtype=torch.float64)
+    pw = torch.rand(5, dtype=torch.float64) + 0.5
+
+    def loss(x):
+        return (fusedloss.binary_cross_entropy_with_logits(x, y, pos_weight=pw, reduction=reduction, backend=backend)
+                + fusedloss.sigmoid_focal_loss(x, y, reduction=reduction, backend=backend))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="inductor", fullgraph=True)
+    xe, xc = x.clone().requires_grad_(requires_grad), x.clone().requires_grad_(requires_grad)
+    eager, out = loss(xe), compiled(xc)
+    check_close(out, eager, torch.float64, "compiled loss")
+    if requires_grad:
+        go = torch.rand_like(eager)
+        eager.backward(go)
+        out.backward(go)
+        check_close(xc.grad, xe.grad, torch.float64, "compiled gradient", grad=True)
