@@ -709,8 +709,9 @@ def _binary(input, target, weight, pos_weight, reduction, gamma, alpha, backend,
 
 
 # Backends whose binary ops read bool / integer targets as they are (csrc/cpu: converted in L1;
-# torch: the reference's own conversion); the Triton and CUDA kernels read the input's dtype.
-_NATIVE_TARGETS = ("cpu", "torch")
+# triton: each loaded value converted; torch: the reference's own conversion); the CUDA kernels
+# read the input's dtype.
+_NATIVE_TARGETS = ("cpu", "triton", "torch")
 
 
 def binary_cross_entropy_with_logits(

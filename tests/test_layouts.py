@@ -249,18 +249,19 @@ def test_binary_layouts(backend, case, name):
             assert out.stride() == x.stride(), f"{backend}: 'none' loss strides {out.stride()}, input {x.stride()}"
 
 
+@pytest.mark.parametrize("no_copy_backend", ["cpu", "triton"])
 @pytest.mark.parametrize("name", BINARY_LOSSES)
 @pytest.mark.parametrize("case", BINARY_CASES, ids=BINARY_IDS)
-def test_binary_no_copy(case, name):
-    """cpu backend: no copy of the input, the target (bool / integer read as they are) or a
-    broadcast weight; the only N x C result of "mean" is the gradient, which is x.grad; of
-    "none", the loss output and the gradient (grad_output in the loss's layout is read as it
-    is)."""
+def test_binary_no_copy(case, name, no_copy_backend):
+    """cpu and triton backends: no copy of the input, the target (bool / integer read as they
+    are) or a broadcast weight; the only N x C result of "mean" is the gradient, which is
+    x.grad; of "none", the loss output and the gradient (grad_output in the loss's layout is
+    read as it is)."""
     x, y, w, pw = _binary_call(*case)
-    fused, _ = _binary_fns(name, y, w, pw, "mean", "cpu")
+    fused, _ = _binary_fns(name, y, w, pw, "mean", no_copy_backend)
     out, leaf, rec = _step(fused, x)
     _check_no_copy(rec, leaf, f"{name} {case} mean")
-    fused, _ = _binary_fns(name, y, w, pw, "none", "cpu")
+    fused, _ = _binary_fns(name, y, w, pw, "none", no_copy_backend)
     g = grad_output_for(fused(x)).contiguous(memory_format=LAYOUTS[case[0]][1])  # made outside the step
     out, leaf, rec = _step(fused, x, g)
     _check_no_copy(rec, leaf, f"{name} {case} none", extra=1)

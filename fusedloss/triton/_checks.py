@@ -130,6 +130,9 @@ def softmax_bwd(grad_out, logits, target, weight, mask, stats, denom, grad, red)
              ("denom", denom), ("grad_out", grad_out))  # fmt: skip
 
 
+NATIVE_TARGETS = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
 def _binary_operand(op, name, t, inp, dtype):
     _require(t.dim() == 2 and t.shape == inp.shape, op, f"{name} must have the input's shape {tuple(inp.shape)}, got {tuple(t.shape)}")
     _dtype(t, dtype, op, name)
@@ -140,7 +143,9 @@ def binary_inputs(op, inp, target, weight, pos_weight, gamma, red):
     reduction(op, red)
     _require(inp.dim() == 2, op, f"input must be 2-D (M, L), got shape {tuple(inp.shape)}")
     _dtype(inp, FLOATS, op, "input")
-    _binary_operand(op, "target", target, inp, inp.dtype)
+    # bool / integer targets are read as they are (the kernels convert each loaded value):
+    # no input-sized float copy of a label map (csrc/common/binary_checks.h is_native_target)
+    _binary_operand(op, "target", target, inp, inp.dtype if target.dtype not in NATIVE_TARGETS else target.dtype)
     for name, t in (("weight", weight), ("pos_weight", pos_weight)):
         if t is not None:
             _binary_operand(op, name, t, inp, acc_of(inp.dtype))

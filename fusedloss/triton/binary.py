@@ -85,7 +85,7 @@ def _binary_tile(
 ):
     """Loads one (BLOCK_M, BLOCK_L) tile of the operands; returns (loss, dloss/dx) in ACC."""
     x = tl.load(x_ptr + rows * stride_xm + cols * stride_xl, mask=ok, other=0.0).to(ACC)
-    y = tl.load(y_ptr + rows * stride_ym + cols * stride_yl, mask=ok, other=0.0).to(ACC)
+    y = tl.load(y_ptr + rows * stride_ym + cols * stride_yl, mask=ok, other=0).to(ACC)  # any target dtype
     w = tl.full(x.shape, 1.0, ACC)
     if w_ptr is not None:
         w = tl.load(w_ptr + rows * stride_wm + cols * stride_wl, mask=ok, other=0.0).to(ACC)
@@ -99,7 +99,7 @@ def _binary_tile(
 def _binary_fwd_kernel(
     # pointers
     x_ptr,  # (M, L) logits: float16 / bfloat16 / float32 / float64
-    y_ptr,  # (M, L) targets, logits' dtype
+    y_ptr,  # (M, L) targets: logits' dtype, bool or integer
     w_ptr,  # (M, L) acc weight (0 strides where broadcast); None = all 1
     pw_ptr,  # (M, L) acc pos_weight (0 strides where broadcast); None = all 1
     grad_ptr,  # (M, L) logits' dtype, d(reduced loss)/dx for grad_output 1; None: no gradient
@@ -160,7 +160,7 @@ def _binary_fwd_kernel(
 def _binary_bwd_kernel(
     # pointers
     x_ptr,  # (M, L) logits
-    y_ptr,  # (M, L) targets, logits' dtype
+    y_ptr,  # (M, L) targets: logits' dtype, bool or integer
     w_ptr,  # (M, L) acc weight (0 strides where broadcast); None = all 1
     pw_ptr,  # (M, L) acc pos_weight (0 strides where broadcast); None = all 1
     go_ptr,  # grad_output: (M, L) any strides ("none") or () ("mean", "sum"), any float dtype
