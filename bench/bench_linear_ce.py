@@ -2,7 +2,8 @@
 then cross-entropy, then backward into h and W. fusedloss.cross_entropy (default and
 inplace_backward=True) vs F.cross_entropy eager and under torch.compile; also PyTorch's
 chunked F.linear_cross_entropy (torch >= 2.13), fusedloss.linear_cross_entropy where the
-package has it, and on CUDA Liger-Kernel's cross-entropy and fused linear cross-entropy.
+package has it, and on CUDA Liger-Kernel's cross-entropy and fused linear cross-entropy and
+Apple's Cut Cross-Entropy, where installed.
 
 Peak extra memory is the point here: eager keeps log_softmax's output for backward and
 makes two N x C gradients in it; fusedloss makes its gradient in the forward (logits and
@@ -74,12 +75,20 @@ def _liger_fused_linear(t):
     return lambda h, w: loss(w, h, t)  # (lin_weight, input, target)
 
 
+def _cut_cross_entropy(t):
+    """Apple's Cut Cross-Entropy (package cut-cross-entropy): its fused Triton kernel."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    return lambda h, w: linear_cross_entropy(h, w, t, ignore_index=-100, reduction="mean")
+
+
 def _peers(t, device):
     rows = [
         harness.peer("fusedloss.linear_cross_entropy", device, lambda: _fused_linear_ce(t), gpu_only=False),
         harness.peer("torch F.linear_cross_entropy", device, lambda: _torch_linear_ce(t), gpu_only=False),
         harness.peer("liger-kernel", device, lambda: _liger(t)),
         harness.peer("liger-kernel fused-linear", device, lambda: _liger_fused_linear(t)),
+        harness.peer("cut-cross-entropy", device, lambda: _cut_cross_entropy(t)),
     ]
     rows[0].kind = "fusedloss"  # ours, after the reference rows (the ratios stay against cross_entropy)
     return rows

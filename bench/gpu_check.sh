@@ -88,7 +88,7 @@ env_info() {
   command -v nvcc >/dev/null && nvcc --version | tail -n 1
   "$PY" - <<'EOF'
 import importlib, platform, torch
-for m in ("triton", "liger_kernel", "flash_attn", "matplotlib", "pytest"):
+for m in ("triton", "liger_kernel", "cut_cross_entropy", "flash_attn", "matplotlib", "pytest"):
     try:
         mod = importlib.import_module(m)
         print(f"  {m}: {getattr(mod, '__version__', 'installed')}")

@@ -236,6 +236,11 @@ def _binary_configs():
                     bwd = {**ops, "go_ptr": f"*{dt}", "grad_ptr": f"*{dt}", **strides("g"),
                            **(strides("o") if per_element else {})}  # fmt: skip
                     out.append(_config(_binary_bwd_kernel, bwd, num_warps, f"{tag},per_element_go={int(per_element)}"))
+            # bool / uint8 label maps read as they are (the dense-detection step, no float copy)
+            if width is None and f["focal"] and f["weight"] and not f["pos_weight"] and f["grad"] == f["reduce"]:
+                yt = "i1" if f["grad"] else "u8"
+                label = {**fwd, "y_ptr": f"*{yt}"}
+                out.append(_config(_binary_fwd_kernel, label, num_warps, f"{tag},target={yt}"))
     return out
 
 
