@@ -279,3 +279,29 @@ def test_kdim_focal_and_soft_targets(backend):
     ref_loss, ref_grad = _ce_ref(x, y.double(), label_smoothing=0.1)
     _assert_close(loss, ref_loss, *TOL[torch.float32][:2], f"{backend} soft-target loss")
     _assert_close(x.grad, ref_grad, 0.0, TOL[torch.float32][2], f"{backend} soft-target grad")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_vocab_parallel_on_the_device_without_host_sync(backend):
+    """fusedloss.distributed on CUDA tensors, one process (no group; the merge and backward run
+    on the device as with NCCL): equals cross_entropy on the same logits, and neither forward
+    nor backward synchronizes with the host (CUDA sync debug mode raises on a sync)."""
+    _backend_or_fail(backend)
+    from fusedloss.distributed import vocab_parallel_cross_entropy
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = (torch.randn(256, 5000, device="cuda", generator=g) * 3).requires_grad_()
+    t = torch.randint(0, 5000, (256,), device="cuda", generator=g)
+    t[::9] = -100
+    kw = dict(label_smoothing=0.1, z_loss=1e-3)
+    ref = fusedloss.cross_entropy(x, t, backend=backend, **kw)
+    (ref_grad,) = torch.autograd.grad(ref, x)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = vocab_parallel_cross_entropy(x, t, vocab_start_index=0, backend=backend, **kw)
+        (grad,) = torch.autograd.grad(loss, x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    _assert_close(loss, ref, 1e-5, 1e-6, "vocab-parallel loss")
+    _assert_close(grad, ref_grad, 0, 1e-6, "vocab-parallel gradient")
