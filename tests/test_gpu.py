@@ -305,3 +305,59 @@ def test_vocab_parallel_on_the_device_without_host_sync(backend):
         torch.cuda.set_sync_debug_mode("default")
     _assert_close(loss, ref, 1e-5, 1e-6, "vocab-parallel loss")
     _assert_close(grad, ref_grad, 0, 1e-6, "vocab-parallel gradient")
+
+
+@pytest.mark.parametrize("target", [torch.bool, torch.uint8, torch.int32], ids=["bool", "uint8", "int32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_binary_label_maps_on_cuda(dtype, target):
+    """cuda backend, label-map targets: bool / uint8 read by the kernels as they are (no
+    input-sized float copy: the "mean" step's only input-sized result is the gradient), int32
+    converted first by the Python layer; BCE and sigmoid focal equal PyTorch's formulas in
+    float64, on a contiguous map (vectorized loads) and on one that starts one element into its
+    buffer (contiguous, no copy; a bool / uint8 map then at an odd byte: element loads)."""
+    _backend_or_fail("cuda")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Big(TorchDispatchMode):  # input-sized results of non-view ops (kernels' own writes aside)
+        def __init__(self, numel):
+            super().__init__()
+            self.numel, self.names = numel, []
+
+        def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            if not func.is_view and any(isinstance(t, torch.Tensor) and t.numel() >= self.numel for t in outs):
+                self.names.append(str(func))
+            return out
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x0 = (torch.randn(16, 3, 40, 48, device="cuda", generator=g) * 4).to(dtype)
+    labels = torch.rand(x0.numel() + 1, device="cuda", generator=g) < 0.3
+    for layout, y in (("contiguous", labels[:-1].to(target).view(x0.shape)),
+                      ("offset 1", labels.to(target)[1:].view(x0.shape))):  # fmt: skip
+        y64 = y.double()
+        x = x0.clone().requires_grad_()
+        with Big(x.numel()) as rec:
+            loss = fusedloss.binary_cross_entropy_with_logits(x, y, backend="cuda")
+            loss.backward()
+        if target != torch.int32:
+            assert len(rec.names) == 1, f"{layout}: input-sized results {rec.names}, expected only the gradient"
+        x64 = x0.detach().double().requires_grad_()
+        ref = F.binary_cross_entropy_with_logits(x64, y64)
+        ref.backward()
+        rtol, atol, gtol = TOL[dtype]
+        _assert_close(loss, ref, rtol, atol, f"bce loss, {target} {layout}")
+        _assert_close(x.grad, x64.grad, 0, gtol, f"bce grad, {target} {layout}")
+
+        x.grad = None
+        loss = fusedloss.sigmoid_focal_loss(x, y, alpha=0.25, gamma=2.0, reduction="none", backend="cuda")
+        go = torch.rand(loss.shape, device="cuda", generator=g)
+        loss.backward(go.to(loss.dtype))
+        x64 = x0.detach().double().requires_grad_()
+        p = torch.sigmoid(x64)
+        p_t = p * y64 + (1 - p) * (1 - y64)
+        ref = (0.25 * y64 + 0.75 * (1 - y64)) * F.binary_cross_entropy_with_logits(x64, y64, reduction="none")
+        ref = ref * (1 - p_t) ** 2
+        ref.backward(go.to(loss.dtype).double())
+        _assert_close(loss, ref, rtol, max(atol, 1e-4), f"focal loss, {target} {layout}")
+        _assert_close(x.grad, x64.grad, 0, gtol, f"focal grad, {target} {layout}")

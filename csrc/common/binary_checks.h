@@ -28,28 +28,45 @@ inline void check_binary_operand(const char* op, const char* name, const at::Ten
 }
 
 // Target dtypes a kernel reads as they are, besides the input's (converted to acc on load:
-// bool and integer 0/1 labels need no float copy).
+// bool and integer 0/1 labels need no float copy). The CPU kernels read all of these.
 inline bool is_native_target(at::ScalarType t) {
   return t == at::kBool || t == at::kByte || t == at::kChar || t == at::kShort || t == at::kInt || t == at::kLong;
 }
 
+// The one-byte label maps the CUDA kernels read as they are (bool is one byte, 0 / 1); the
+// Python layer converts other integer targets for them (fusedloss/functional.py).
+inline bool is_byte_target(at::ScalarType t) { return t == at::kBool || t == at::kByte; }
+
+// Which target dtypes an op's kernels read besides the input's: none (false), every one of
+// is_native_target (true: the CPU impls), or those of a predicate with its rule for messages.
+struct NativeTargets {
+  bool (*accepts)(at::ScalarType) = nullptr;
+  const char* rule = "the input's dtype";
+  NativeTargets(bool all = false)  // implicit: call sites pass true / false
+      : accepts(all ? &is_native_target : nullptr),
+        rule(all ? "bool, integer or the input's dtype" : "the input's dtype") {}
+  NativeTargets(bool (*pred)(at::ScalarType), const char* r) : accepts(pred), rule(r) {}
+};
+
+// What the CUDA binding passes: bool and uint8 targets only.
+inline NativeTargets byte_targets() { return NativeTargets(&is_byte_target, "bool, uint8 or the input's dtype"); }
+
 // input (M, L) float16/bfloat16/float32/float64; target (M, L) input's dtype (or, where the
-// kernels read them, native_targets: bool / integer); weight, pos_weight (M, L) acc dtype or
-// None; gamma >= 0; reduction 0, 1, 2.
+// kernels read them, native_targets: bool / integer, or the predicate's dtypes); weight,
+// pos_weight (M, L) acc dtype or None; gamma >= 0; reduction 0, 1, 2.
 inline void check_binary_inputs(const char* op, const at::Tensor& input, const at::Tensor& target,
                                 const std::optional<at::Tensor>& weight,
                                 const std::optional<at::Tensor>& pos_weight, double gamma, int64_t reduction,
-                                bool native_targets = false) {
+                                NativeTargets native_targets = {}) {
   check_reduction(reduction);
   TORCH_CHECK(input.dim() == 2, op, ": input must be 2-D (M, L), got shape ", input.sizes());
   const auto dt = input.scalar_type();
   TORCH_CHECK(is_loss_float(dt), op, ": input must be float16, bfloat16, float32 or float64, got ", dt);
   const auto acc = binary_acc_dtype(dt);
-  if (native_targets && is_native_target(target.scalar_type())) {
-    check_binary_operand(op, "target", target, input, target.scalar_type(), "bool, integer or the input's dtype");
+  if (native_targets.accepts != nullptr && native_targets.accepts(target.scalar_type())) {
+    check_binary_operand(op, "target", target, input, target.scalar_type(), native_targets.rule);
   } else {
-    check_binary_operand(op, "target", target, input, dt,
-                         native_targets ? "bool, integer or the input's dtype" : "the input's dtype");
+    check_binary_operand(op, "target", target, input, dt, native_targets.rule);
   }
   if (weight.has_value()) check_binary_operand(op, "weight", *weight, input, acc, "the accumulation dtype");
   if (pos_weight.has_value()) check_binary_operand(op, "pos_weight", *pos_weight, input, acc, "the accumulation dtype");
@@ -89,7 +106,7 @@ inline void check_binary_grad_out(const char* op, const at::Tensor& grad_out, co
 inline void check_binary_fwd(const at::Tensor& input, const at::Tensor& target,
                              const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
                              const std::optional<at::Tensor>& grad, double gamma, int64_t reduction,
-                             bool native_targets = false) {
+                             NativeTargets native_targets = {}) {
   constexpr const char* op = "fusedloss::binary_fwd";
   check_binary_inputs(op, input, target, weight, pos_weight, gamma, reduction, native_targets);
   if (grad.has_value()) {
@@ -100,7 +117,8 @@ inline void check_binary_fwd(const at::Tensor& input, const at::Tensor& target,
 
 inline void check_binary_bwd(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& target,
                              const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
-                             const at::Tensor& grad, double gamma, int64_t reduction, bool native_targets = false) {
+                             const at::Tensor& grad, double gamma, int64_t reduction,
+                             NativeTargets native_targets = {}) {
   constexpr const char* op = "fusedloss::binary_bwd";
   check_binary_inputs(op, input, target, weight, pos_weight, gamma, reduction, native_targets);
   check_binary_grad_out(op, grad_out, input, reduction);

@@ -33,17 +33,18 @@ cuda::BinaryArgs binary_args(const at::Tensor& input, const at::Tensor& target, 
   if (pos_weight) a.pos_weight_s0 = pos_weight->stride(0), a.pos_weight_s1 = pos_weight->stride(1);
   a.M = input.size(0), a.L = input.size(1);
   a.dtype = cuda_dtype(input.scalar_type());
+  a.target_u8 = is_byte_target(target.scalar_type());  // bool / uint8, read as it is (checked)
   a.gamma = gamma, a.alpha = alpha, a.reduction = static_cast<int>(reduction);
   return a;
 }
 
-// input, target (M, L); weight, pos_weight (M, L) acc or None; grad (M, L) or None (mean / sum
-// only: the gradient for grad_output == 1). Returns out: (M, L) per-element loss (reduction
+// input (M, L); target (M, L) input's dtype, bool or uint8; weight, pos_weight (M, L) acc or
+// None; grad (M, L) or None (mean / sum only: the gradient for grad_output == 1). Returns out: (M, L) per-element loss (reduction
 // none), or () the mean / sum, in out_dtype.
 at::Tensor binary_fwd_cuda(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                            const std::optional<at::Tensor>& pos_weight, const std::optional<at::Tensor>& grad,
                            double gamma, double alpha, int64_t reduction, at::ScalarType out_dtype) {
-  check_binary_fwd(input, target, weight, pos_weight, grad, gamma, reduction);
+  check_binary_fwd(input, target, weight, pos_weight, grad, gamma, reduction, byte_targets());
   check_out_dtype("fusedloss::binary_fwd", out_dtype);
   const c10::cuda::CUDAGuard guard(input.device());
   const auto opts = input.options().dtype(out_dtype);
@@ -69,7 +70,7 @@ at::Tensor binary_fwd_cuda(const at::Tensor& input, const at::Tensor& target, co
 void binary_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& target,
                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight, double gamma,
                      double alpha, int64_t reduction, const at::Tensor& grad) {
-  check_binary_bwd(grad_out, input, target, weight, pos_weight, grad, gamma, reduction);
+  check_binary_bwd(grad_out, input, target, weight, pos_weight, grad, gamma, reduction, byte_targets());
   const c10::cuda::CUDAGuard guard(input.device());
   cuda::BinaryArgs a = binary_args(input, target, weight, pos_weight, gamma, alpha, reduction);
   a.grad = grad.data_ptr();

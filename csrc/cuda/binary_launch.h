@@ -17,7 +17,7 @@ namespace cuda {
 struct BinaryArgs {
   // pointers
   const void* input;       // (M, L) dtype
-  const void* target;      // (M, L) dtype
+  const void* target;      // (M, L) dtype, or bool / uint8 (one byte, 0 / 1) when target_u8
   const void* weight;      // (M, L) acc, or nullptr (= 1)
   const void* pos_weight;  // (M, L) acc, or nullptr (= 1)
   void* grad;              // (M, L) dtype; forward: or nullptr (no gradient); may alias input
@@ -32,6 +32,7 @@ struct BinaryArgs {
   int64_t blocks;  // forward: grid of the reducing kernel, set by plan_binary_fwd
   // meta-parameters
   DType dtype, out_dtype, grad_out_dtype;
+  bool target_u8;  // target is bool or uint8 (read as it is, converted on load), else dtype
   double gamma;   // >= 0
   double alpha;   // < 0: no alpha term
   int reduction;  // Reduction

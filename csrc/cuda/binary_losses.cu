@@ -12,8 +12,9 @@
 // Work decomposition: a *segment* is up to `cols` columns of one row; a *group* of G lanes
 // (G a power of two <= 32, inside one warp) owns one segment at a time, each lane handling
 // VEC consecutive elements per step (16-byte loads where x, target and grad are contiguous
-// and aligned). Blocks grid-stride over segments with int64 indices. When every operand is
-// row-major the (M, L) view is one long row. One kernel, three modes (a template parameter):
+// and aligned; a bool / uint8 target VEC bytes at a time, aligned to VEC bytes). Blocks
+// grid-stride over segments with int64 indices. When every operand is row-major the (M, L)
+// view is one long row. One kernel, three modes (a template parameter):
 //   kLoss  reduction none: out[i, j] = loss, in out_dtype
 //   kSum   mean / sum: each thread adds its elements (in float per VEC step, then in double),
 //          each block writes one partial (block_sum2), finish_sum_kernel (kernel_common.cuh,
@@ -22,6 +23,11 @@
 //   kBwd   grad = dloss/dx * scale: grad_out[i, j] (none), grad_out (sum), grad_out / numel
 //          (mean), grad_out read on the device.
 // grad may alias the input: each lane reads its elements before writing them.
+//
+// Targets (a template parameter target_t): the input's dtype, or uint8_t for bool and uint8
+// label maps (bool is one byte, 0 / 1), read as they are and converted to acc on load, so a
+// label map needs no input-sized float copy. Other integer targets are converted by the Python
+// layer (fusedloss/functional.py), which keeps the instantiations at two per input dtype.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -50,13 +56,24 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
+// A target element as acc: a float of the input's dtype (to_acc), or a bool / uint8 label
+// (0 / 1: exact; other uint8 values as their number, as target.to(dtype) would read them).
+template <typename acc_t, typename target_t>
+__device__ __forceinline__ acc_t target_to_acc(target_t v) {
+  return static_cast<acc_t>(to_acc(v));
+}
+template <typename acc_t>
+__device__ __forceinline__ acc_t target_to_acc(uint8_t v) {
+  return static_cast<acc_t>(v);
+}
+
 // Kernel view of BinaryArgs, typed, after the host's normalization (make_plan).
-template <typename scalar_t>
+template <typename scalar_t, typename target_t>
 struct Problem {
   using acc_t = typename AccOf<scalar_t>::type;
   // pointers
   const scalar_t* x;
-  const scalar_t* y;
+  const target_t* y;
   const acc_t* w;
   const acc_t* pw;
   scalar_t* g;        // kSum: the gradient or nullptr; kBwd: the gradient
@@ -82,10 +99,11 @@ __device__ __forceinline__ acc_t load_operand(const acc_t* ptr, int64_t offset) 
 }
 
 // VEC > 1: x, target and grad have unit column stride, rows and base pointers aligned to VEC
-// elements, and L % VEC == 0 (checked on the host). VEC == 1: any strides.
-template <typename scalar_t, int kGamma, int kMode, int VEC>
-__global__ void __launch_bounds__(kThreads) binary_kernel(const Problem<scalar_t> P) {
-  using acc_t = typename Problem<scalar_t>::acc_t;
+// elements (VEC * sizeof(T) bytes: 16 for x and grad, VEC for a uint8_t target), and
+// L % VEC == 0 (checked on the host). VEC == 1: any strides.
+template <typename scalar_t, typename target_t, int kGamma, int kMode, int VEC>
+__global__ void __launch_bounds__(kThreads) binary_kernel(const Problem<scalar_t, target_t> P) {
+  using acc_t = typename Problem<scalar_t, target_t>::acc_t;
   constexpr bool kGrad = kMode != kLoss;
   __shared__ double2 block_partial[kThreads / 32];
   const int G = P.group;
@@ -108,10 +126,11 @@ __global__ void __launch_bounds__(kThreads) binary_kernel(const Problem<scalar_t
     for (int64_t j = c * P.cols + int64_t(gl) * VEC; j < j1; j += int64_t(G) * VEC) {
       // Elements stay packed in their storage type and are converted one at a time, so only
       // a few values are live across each element's math (and its slow-path calls).
-      Pack<scalar_t, VEC> xp, yp, gp, lp;
+      Pack<scalar_t, VEC> xp, gp, lp;
+      Pack<target_t, VEC> yp;
       if (VEC > 1) {
         xp = *reinterpret_cast<const Pack<scalar_t, VEC>*>(P.x + i * P.xs0 + j);
-        yp = *reinterpret_cast<const Pack<scalar_t, VEC>*>(P.y + i * P.ys0 + j);
+        yp = *reinterpret_cast<const Pack<target_t, VEC>*>(P.y + i * P.ys0 + j);
       } else {
         xp.v[0] = P.x[i * P.xs0 + j * P.xs1];
         yp.v[0] = P.y[i * P.ys0 + j * P.ys1];
@@ -122,7 +141,8 @@ __global__ void __launch_bounds__(kThreads) binary_kernel(const Problem<scalar_t
         const acc_t w = load_operand(P.w, i * P.ws0 + (j + k) * P.ws1);
         const acc_t pw = load_operand(P.pw, i * P.pws0 + (j + k) * P.pws1);
         acc_t gk = acc_t(0);
-        const acc_t lk = binary_elem<kGamma, kGrad>(to_acc(xp.v[k]), to_acc(yp.v[k]), w, pw, P.p, &gk);
+        const acc_t yk = target_to_acc<acc_t>(yp.v[k]);
+        const acc_t lk = binary_elem<kGamma, kGrad>(to_acc(xp.v[k]), yk, w, pw, P.p, &gk);
         step += lk;
         if (kGrad) {
           // (dloss/dx * grad_factor) * grad_out, in this order: binary_bwd then equals
@@ -200,7 +220,7 @@ __global__ void __launch_bounds__(kThreads) scale_grad_kernel(const ScaleGradArg
 // ----------------------------------------------------------------------------- host side
 struct Plan {
   BinaryArgs a;  // normalized
-  int vec;       // 1 or 16 / sizeof(dtype)
+  int vec;       // 1 or 16 / sizeof(dtype) (for every operand, a 1-byte target included)
   int group;     // G
   int64_t cols, chunks;
 };
@@ -234,11 +254,17 @@ Plan make_plan(const BinaryArgs& args, Mode mode) {
     a.M = 1;
   }
   const int vec = int(16 / dtype_size(a.dtype));
-  auto vec_ok = [&](const void* p, int64_t s0, int64_t s1) {
-    return p == nullptr || (s1 == 1 && (a.M == 1 || s0 % vec == 0) && aligned(p, 16));
+  // A VEC-wide pack of elements of `size` bytes: unit column stride, every row start a
+  // multiple of VEC elements from an aligned base (16 bytes for x and grad, VEC for a 1-byte
+  // target).
+  auto vec_ok = [&](const void* p, int64_t s0, int64_t s1, int64_t size) {
+    return p == nullptr || (s1 == 1 && (a.M == 1 || s0 % vec == 0) && aligned(p, vec * size));
   };
-  bool use_vec = a.L % vec == 0 && vec_ok(a.input, a.input_s0, a.input_s1) &&
-                 vec_ok(a.target, a.target_s0, a.target_s1) && (!has_grad || vec_ok(a.grad, a.grad_s0, a.grad_s1));
+  const int64_t dsize = dtype_size(a.dtype);
+  const int64_t tsize = a.target_u8 ? 1 : dsize;
+  bool use_vec = a.L % vec == 0 && vec_ok(a.input, a.input_s0, a.input_s1, dsize) &&
+                 vec_ok(a.target, a.target_s0, a.target_s1, tsize) &&
+                 (!has_grad || vec_ok(a.grad, a.grad_s0, a.grad_s1, dsize));
   if (mode == kLoss && a.out_dtype == a.dtype) use_vec = use_vec && aligned(a.out, 16);
   if (use_vec) plan.vec = vec;
   // Group size: enough lanes for one pass over a short row, at most a warp.
@@ -259,13 +285,13 @@ int64_t grid_of(const Plan& plan) {
   return std::min<int64_t>((nseg + groups_per_block - 1) / groups_per_block, int64_t(num_sms()) * 16);
 }
 
-template <typename scalar_t>
-Problem<scalar_t> make_problem(const Plan& plan, Mode mode) {
+template <typename scalar_t, typename target_t>
+Problem<scalar_t, target_t> make_problem(const Plan& plan, Mode mode) {
   using acc_t = typename AccOf<scalar_t>::type;
   const BinaryArgs& a = plan.a;
-  Problem<scalar_t> P;
+  Problem<scalar_t, target_t> P;
   P.x = static_cast<const scalar_t*>(a.input);
-  P.y = static_cast<const scalar_t*>(a.target);
+  P.y = static_cast<const target_t*>(a.target);
   P.w = static_cast<const acc_t*>(a.weight);
   P.pw = static_cast<const acc_t*>(a.pos_weight);
   P.g = mode == kLoss ? nullptr : static_cast<scalar_t*>(a.grad);
@@ -288,33 +314,40 @@ Problem<scalar_t> make_problem(const Plan& plan, Mode mode) {
   return P;
 }
 
-template <typename scalar_t, int kGamma, int kMode>
-void launch_vec(const Problem<scalar_t>& P, int vec, int64_t blocks, cudaStream_t stream) {
+template <typename scalar_t, typename target_t, int kGamma, int kMode>
+void launch_vec(const Problem<scalar_t, target_t>& P, int vec, int64_t blocks, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(scalar_t);
   if (vec > 1) {
-    binary_kernel<scalar_t, kGamma, kMode, kVec><<<unsigned(blocks), kThreads, 0, stream>>>(P);
+    binary_kernel<scalar_t, target_t, kGamma, kMode, kVec><<<unsigned(blocks), kThreads, 0, stream>>>(P);
   } else {
-    binary_kernel<scalar_t, kGamma, kMode, 1><<<unsigned(blocks), kThreads, 0, stream>>>(P);
+    binary_kernel<scalar_t, target_t, kGamma, kMode, 1><<<unsigned(blocks), kThreads, 0, stream>>>(P);
   }
 }
 
-template <typename scalar_t, int kMode>
+template <typename scalar_t, typename target_t, int kMode>
 void launch_gamma(const Plan& plan, int64_t blocks, cudaStream_t stream) {
-  const Problem<scalar_t> P = make_problem<scalar_t>(plan, Mode(kMode));
+  const Problem<scalar_t, target_t> P = make_problem<scalar_t, target_t>(plan, Mode(kMode));
   switch (binary::gamma_kind(plan.a.gamma)) {
-    case binary::kGamma0: return launch_vec<scalar_t, binary::kGamma0, kMode>(P, plan.vec, blocks, stream);
-    case binary::kGamma2: return launch_vec<scalar_t, binary::kGamma2, kMode>(P, plan.vec, blocks, stream);
-    default: return launch_vec<scalar_t, binary::kGammaPow, kMode>(P, plan.vec, blocks, stream);
+    case binary::kGamma0: return launch_vec<scalar_t, target_t, binary::kGamma0, kMode>(P, plan.vec, blocks, stream);
+    case binary::kGamma2: return launch_vec<scalar_t, target_t, binary::kGamma2, kMode>(P, plan.vec, blocks, stream);
+    default: return launch_vec<scalar_t, target_t, binary::kGammaPow, kMode>(P, plan.vec, blocks, stream);
   }
+}
+
+// The target is the input's dtype, or (target_u8) bool / uint8.
+template <typename scalar_t, int kMode>
+void launch_target(const Plan& plan, int64_t blocks, cudaStream_t stream) {
+  if (plan.a.target_u8) return launch_gamma<scalar_t, uint8_t, kMode>(plan, blocks, stream);
+  return launch_gamma<scalar_t, scalar_t, kMode>(plan, blocks, stream);
 }
 
 template <int kMode>
 void launch_mode(const Plan& plan, int64_t blocks, cudaStream_t stream) {
   switch (plan.a.dtype) {
-    case DType::kFloat16: return launch_gamma<__half, kMode>(plan, blocks, stream);
-    case DType::kBFloat16: return launch_gamma<__nv_bfloat16, kMode>(plan, blocks, stream);
-    case DType::kFloat32: return launch_gamma<float, kMode>(plan, blocks, stream);
-    default: return launch_gamma<double, kMode>(plan, blocks, stream);
+    case DType::kFloat16: return launch_target<__half, kMode>(plan, blocks, stream);
+    case DType::kBFloat16: return launch_target<__nv_bfloat16, kMode>(plan, blocks, stream);
+    case DType::kFloat32: return launch_target<float, kMode>(plan, blocks, stream);
+    default: return launch_target<double, kMode>(plan, blocks, stream);
   }
 }
 

@@ -64,6 +64,18 @@ inline thread_local dim3 blockDim, gridDim;
 
 inline void __syncthreads() { emu::blk->bar->arrive_and_wait(); }
 
+// CUDA's integer min / max of device code, and the read-only cache load (a plain load here).
+inline int min(int a, int b) { return a < b ? a : b; }
+inline long min(long a, long b) { return a < b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a < b ? b : a; }
+inline long max(long a, long b) { return a < b ? b : a; }
+inline long long max(long long a, long long b) { return a < b ? b : a; }
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+
 template <typename T>
 inline T __shfl_xor_sync(unsigned, T v, int lane_mask) {
   static_assert(sizeof(T) <= 8, "one 64-bit word per thread");

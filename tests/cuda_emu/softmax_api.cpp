@@ -1,5 +1,6 @@
 // C entry points of the emulated softmax kernels for tests/test_cuda_emu.py (ctypes): the
-// launch interface of csrc/cuda/softmax_launch.h with flat arguments. The test writes
+// launch interface of csrc/cuda/softmax_launch.h with flat arguments (emu_api.cpp: the
+// emulator's own entry points, linked into the same library). The test writes
 // softmax_losses_emu.cpp (csrc/cuda/softmax_losses.cu with its launches rewritten for
 // emu_device.h) next to the rewritten cuda/kernel_common.cuh, and compiles this file with
 // that directory first on the include path.
@@ -13,19 +14,6 @@ using fusedloss::cuda::SoftmaxFwdParams;
 using fusedloss::cuda::SoftmaxLoss;
 
 extern "C" {
-
-void emu_set_sms(int n) { emu_num_sms = n; }
-
-void emu_clear_launches() { emu::launches.clear(); }
-
-// Writes up to `max` launches as (grid, block.x, block.y) triples; returns how many there were.
-int emu_launches(int64_t* out, int max) {
-  const int n = static_cast<int>(emu::launches.size());
-  for (int i = 0; i < n && i < max; ++i) {
-    out[3 * i] = emu::launches[i].grid, out[3 * i + 1] = emu::launches[i].block_x, out[3 * i + 2] = emu::launches[i].block_y;
-  }
-  return n;
-}
 
 // s: strides x_n, x_c, x_d, t_n, t_d, y_n, y_c, y_d, m_n, m_c, m_d; f: label_smoothing,
 // z_loss, softcap, gamma. target: int64 class indices, or (kind 1) probabilities.
