@@ -148,11 +148,17 @@ def _index_rows(target, x):
 
 
 def _check_broadcastable(name, t, input):
-    try:
-        shape = torch.broadcast_shapes(t.shape, input.shape)
-    except RuntimeError:
-        shape = None
-    if shape != input.shape:
+    """t broadcasts to input's shape (torch.broadcast_shapes(t.shape, input.shape) ==
+    input.shape), written out: broadcast_shapes is Python code of ~10 us, a tenth of a small
+    step's host time."""
+    ok = t.dim() <= input.dim()
+    if ok:
+        offset = input.dim() - t.dim()
+        for j in range(t.dim()):
+            size = t.shape[j]
+            if size != 1 and size != input.shape[offset + j]:
+                ok = False
+    if not ok:
         raise ValueError(f"{name} of shape {tuple(t.shape)} is not broadcastable to the input's shape {tuple(input.shape)}")
 
 
