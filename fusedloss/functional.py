@@ -705,7 +705,7 @@ def _binary(input, target, weight, pos_weight, reduction, gamma, alpha, backend,
     backend = _backend_for(backend, input)
     y = target
     if target.dtype != input.dtype and (
-        target.dtype.is_floating_point or target.dtype not in _NATIVE_TARGETS.get(backend, ())
+        target.dtype.is_floating_point or target.dtype not in _native_targets(backend)
     ):
         # a floating target is read in the input's dtype (a soft target that requires grad
         # gets one through this conversion, as in PyTorch); bool / integer targets only where
@@ -728,6 +728,16 @@ _NATIVE_TARGETS = {
     "torch": _INTEGER_TARGETS,
     "cuda": frozenset((torch.bool, torch.uint8)),
 }
+
+
+def _native_targets(backend):
+    """The target dtypes `backend` reads as they are; for a fallback chain ("triton>cuda>torch",
+    _backend._fallback_chain) those every member reads, since an op may move down the chain."""
+    native = None
+    for name in backend.split(">"):
+        dtypes = _NATIVE_TARGETS.get(name, frozenset())
+        native = dtypes if native is None else native & dtypes
+    return native
 
 
 def binary_cross_entropy_with_logits(

@@ -307,3 +307,14 @@ def test_kdim_confident_rows(backend, offset):
         check_against(lambda v: fusedloss.cross_entropy(v, t, ignore_index=255, reduction=reduction, backend=backend),
                       lambda v: F.cross_entropy(v, t, ignore_index=255, reduction=reduction), x,
                       f"confident NCHW {reduction} {backend}")
+
+
+def test_native_targets_of_a_fallback_chain():
+    """"auto" on CUDA is a chain triton > cuda > torch whose ops may move down it: a bool /
+    uint8 label map is passed as it is (every member reads it), an int32 one converted (the
+    cuda kernels read only bool / uint8 besides the input's dtype)."""
+    from fusedloss.functional import _native_targets
+
+    chain = _native_targets("triton>cuda>torch")
+    assert torch.bool in chain and torch.uint8 in chain and torch.int32 not in chain
+    assert torch.int32 in _native_targets("triton") and torch.int32 in _native_targets("triton>torch")
