@@ -628,6 +628,28 @@ def _binary_plan(input, target, weight, pos_weight):
     return (perm, sizes, (M, L), copies[0], copies[1], modes[0], modes[1], inner)
 
 
+_PLANS = {}  # (shapes and strides of the operands) -> _binary_plan's result
+_PLANS_MAX = 256
+
+
+def _plan_for(input, target, weight, pos_weight):
+    """_binary_plan, memoized on the operands' shapes and strides (all it reads): a training
+    loop calls with the same layouts every step, and planning a broadcast weight is tens of
+    microseconds of Python, a few percent of a dense-detection step. Not while tracing: the
+    compiled graph runs the plan once."""
+    if torch.compiler.is_compiling():
+        return _binary_plan(input, target, weight, pos_weight)
+    key = (input.shape, input.stride(), target.shape, target.stride(),
+           None if weight is None else (weight.shape, weight.stride()),
+           None if pos_weight is None else (pos_weight.shape, pos_weight.stride()))
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        plan = _PLANS[key] = _binary_plan(input, target, weight, pos_weight)
+    return plan
+
+
 def _identity(perm):
     for i in range(len(perm)):
         if perm[i] != i:
@@ -712,7 +734,7 @@ def _binary(input, target, weight, pos_weight, reduction, gamma, alpha, backend,
         # the kernels cannot read them as they are
         y = target.to(input.dtype)
     cfg = (float(gamma), float(alpha), REDUCTION_CODES[reduction], out_dtype_of(input, target), backend,
-           torch.is_grad_enabled(), _binary_plan(input, y, w, pw))
+           torch.is_grad_enabled(), _plan_for(input, y, w, pw))
     return _BinaryFn.apply(input, y, w, pw, cfg)
 
 
