@@ -155,8 +155,9 @@ def _partial_stats(impl, x, t_local, own, ignored, w, mask, eps, cap, fields):
 
 def _merge(gathered, t, ignore_index, own_local, eps, z_loss, fields, weighted, acc):
     """Every rank's payload (world, R + 1, k) -> (loss (N, D), count (N, D), stats (N, D, 4)
-    for this rank, bad (): slices that do not tile the vocabulary, out of range (N, D)).
-    float64 arithmetic, the same on every rank."""
+    for this rank, tiles (): the slices tile [0, V), out_of_range (N, D): no rank (or more than
+    one) owns the target, starts and sizes (world,) of the slices). float64 arithmetic, the
+    same on every rank."""
     world = gathered.shape[0]
     n, d = t.shape
     g = gathered.to(torch.float64)
