@@ -52,6 +52,17 @@ def dtype(request):
     return request.param
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny shapes (pytestmark = pytest.mark.usefixtures("one_thread")): one
+    intra-op thread. Two threads gain nothing there and, on a loaded 2-core machine (pytest
+    -n 2), each parallel op can wait ~30 ms for a descheduled thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -24,14 +24,7 @@ from conftest import TOLERANCES, check_close, check_exact  # noqa: E402
 VOCAB, HIDDEN, B, T = 160, 64, 3, 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread. Two threads gain nothing here and, on a loaded
-    2-core machine (pytest -n 2), each parallel op can wait ~30 ms for a descheduled thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes (conftest.one_thread)
 SOFTCAP = 4.0
 
 

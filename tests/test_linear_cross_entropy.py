@@ -23,14 +23,7 @@ FAST = ["cpu", "torch"]
 ALL = ["cpu", "torch", "triton"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread. Two threads gain nothing here and, on a loaded
-    2-core machine (pytest -n 2), each parallel op can wait ~30 ms for a descheduled thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes (conftest.one_thread)
 
 
 def _available(backend):
