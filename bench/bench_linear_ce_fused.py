@@ -40,20 +40,7 @@ MB = 1 << 20
 
 
 # ----------------------------------------------------------------------------- memory
-from harness import cpu_peak_bytes  # noqa: E402  (bench/ is the script's directory)
-
-
-def check_peak() -> bool:
-    """4 MiB and 1 MiB live, the 4 MiB freed, then 2 MiB: the peak is exactly 5 MiB."""
-
-    def step():
-        a = torch.empty(MB, dtype=torch.float32)
-        b = torch.empty(MB // 4, dtype=torch.float32)
-        del a
-        c = torch.empty(MB // 2, dtype=torch.float32)
-        return b, c
-
-    return cpu_peak_bytes(step) == 5 * MB
+from harness import check_cpu_peak, cpu_peak_bytes  # noqa: E402  (bench/ is the script's directory)
 
 
 # ----------------------------------------------------------------------------- impls
@@ -113,7 +100,7 @@ def main():
 
     print(f"linear CE fwd+bwd  N={a.n} H={a.hidden} V={a.vocab} {a.dtype}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}, load {os.getloadavg()[0]:.1f}")
-    print(f"peak check (5 MiB known): {'ok' if check_peak() else 'FAILED'}")
+    print(f"peak check (5 MiB known): {'ok' if check_cpu_peak()['ok'] else 'FAILED'}")
     for k in fns:  # warm-up (page faults of fresh buffers, MKL init)
         step(k)
     times = {k: [] for k in fns}
