@@ -54,7 +54,7 @@ from fusedloss.functional import (
     _rows3,
     out_dtype_of,
 )
-from fusedloss.reference import _times
+from fusedloss.reference import _reduce, _times
 
 __all__ = ["vocab_parallel_cross_entropy"]
 
@@ -84,13 +84,6 @@ def _all_gather(local: Tensor, world: int, group) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- per-row merge
-def _logsumexp(v: Tensor, dim: int) -> Tensor:
-    """logsumexp over dim with -inf everywhere giving -inf (not NaN), NaN kept."""
-    m = v.amax(dim)
-    shift = torch.where(m == _NEG_INF, torch.zeros_like(m), m)
-    return shift + torch.log(torch.exp(v - shift.unsqueeze(dim)).sum(dim))
-
-
 class _Fields:
     """Columns of the per-row payload each rank sends (acc dtype), in order."""
 
@@ -172,7 +165,7 @@ def _merge(gathered, t, ignore_index, own_local, eps, z_loss, fields, weighted, 
     tiles = (s_sorted[0] == 0) & (s_sorted[1:] == e_sorted[:-1]).all()
 
     lse_r = col("lse")
-    lse = _logsumexp(lse_r, 0)  # (N, D)
+    lse = torch.logsumexp(lse_r, 0)  # (N, D); -inf on every rank gives -inf, NaN stays
     own = col("own")
     n_own = own.sum(0)
     lse_o = torch.where(own != 0, lse_r, torch.zeros_like(lse_r)).sum(0)
@@ -250,17 +243,11 @@ class _VocabParallelFn(torch.autograd.Function):
         )
         if x.device.type == "cpu":
             _check_on_host(t, oor, tiles, starts, sizes, ignore_index)
-        denom = count.sum()
-        if red == 0:
-            out = loss
-        else:
-            out = loss.sum()
-            if red == 1:
-                out = torch.where(denom != 0, out / torch.where(denom != 0, denom, torch.ones_like(denom)), torch.zeros_like(out))
+        out, denom = _reduce(loss.unsqueeze(1), count.unsqueeze(1), red, out_dtype)  # "mean" of nothing: 0
         t_bwd = torch.where(own, t_local, torch.zeros_like(t_local))  # target_coef is 0 where not owned
         ctx.save_for_backward(x, t_bwd, w if eps > 0 else None, mask, stats, denom.to(acc))
         ctx.cap, ctx.red, ctx.backend = cap, red, backend
-        return out.to(out_dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
