@@ -58,30 +58,13 @@ def build(args):
     return transformers.LlamaForCausalLM(cfg)
 
 
-from harness import quiet_stderr as _quiet_stderr  # noqa: E402  (bench/ is the script's directory)
+from harness import cpu_peak_bytes, cuda_peak_bytes  # noqa: E402  (bench/ is the script's directory)
 
 
 def peak_bytes(fn, device):
-    """Peak extra memory of fn(): CUDA max_memory_allocated, or on the CPU the largest running
-    sum of torch.profiler's allocation (+) / free (-) events."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    from torch.profiler import ProfilerActivity, profile
-
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events()
-                     if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")), key=lambda e: e.start_ns())
-    running = peak = 0
-    for e in events:
-        running += e.nbytes()
-        peak = max(peak, running)
-    return peak
+    """Peak extra memory of fn(): CUDA max_memory_allocated, or on the CPU the replay of
+    torch.profiler's allocation events (bench/harness.py)."""
+    return cuda_peak_bytes(fn) if device.type == "cuda" else cpu_peak_bytes(fn)
 
 
 def train(model, data, args, device, label):
